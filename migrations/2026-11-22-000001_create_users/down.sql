@@ -1,0 +1,2 @@
+DROP TABLE user_external_ids;
+DROP TABLE users;

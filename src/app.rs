@@ -1,0 +1,164 @@
+//! Builds the service from a [`Config`] and serves it until told to stop.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+
+use crate::config::{Config, ENV_DATABASE_URL};
+use crate::grpc::IdentityApi;
+use crate::ory::KratosClient;
+use crate::outbox::OutboxWorker;
+use crate::proto::{self, api::identity_service_server::IdentityServiceServer};
+use crate::service::IdentityMapper;
+use crate::store::{Store, migrate};
+
+/// The name health checks use for the business service.
+pub const SERVICE_NAME: &str = "idmap.v1.IdentityService";
+
+/// Everything the server needs, built once.
+pub struct App {
+    config: Config,
+    store: Store,
+    ory: KratosClient,
+    mapper: Arc<IdentityMapper>,
+    outbox_wakeup: Arc<Notify>,
+}
+
+impl App {
+    /// Builds the clients and checks the database: reachable, and migrated to this binary's schema.
+    /// Binds nothing, so a failure here leaves no port behind.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let store = Store::new(&config.database_url, &config.pool)
+            .with_context(|| format!("{ENV_DATABASE_URL} is not usable"))?;
+        store
+            .ping()
+            .await
+            .with_context(|| format!("cannot reach the database at {ENV_DATABASE_URL}"))?;
+        let pending = migrate::pending(&config.database_url).await?;
+        if !pending.is_empty() {
+            anyhow::bail!(
+                "the database schema is behind this binary ({} pending migration(s): {}); run `idmap migrate` first",
+                pending.len(),
+                pending.join(", ")
+            );
+        }
+        let ory = KratosClient::new(config.ory.clone()).context("cannot build the Ory client")?;
+        let outbox_wakeup = Arc::new(Notify::new());
+        let mapper = Arc::new(IdentityMapper::new(
+            store.clone(),
+            ory.clone(),
+            config.service.clone(),
+            outbox_wakeup.clone(),
+        ));
+        Ok(Self {
+            config,
+            store,
+            ory,
+            mapper,
+            outbox_wakeup,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Serves gRPC on `grpc` and HTTP on `http`, and runs the outbox worker, until `shutdown`
+    /// resolves. Then health turns NOT_SERVING, new connections are refused, in-flight calls get up
+    /// to the grace period to finish, and the worker stops after its current delivery.
+    pub async fn serve(
+        self,
+        grpc: TcpListener,
+        http: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+            .await;
+        health.set_service_status("", ServingStatus::Serving).await;
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building the reflection service")?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .context("building the reflection service")?;
+
+        let stop = CancellationToken::new();
+        let worker = tokio::spawn(
+            OutboxWorker::new(
+                self.store.clone(),
+                self.ory.clone(),
+                self.config.outbox.clone(),
+                self.outbox_wakeup.clone(),
+            )
+            .run(stop.child_token()),
+        );
+
+        let draining = CancellationToken::new();
+        let http_task = tokio::spawn(crate::http::serve(
+            http,
+            self.store.clone(),
+            draining.clone(),
+        ));
+
+        let grpc_addr = grpc.local_addr().ok();
+        tracing::info!(grpc = ?grpc_addr, "serving");
+        let draining_for_signal = draining.clone();
+        let health_for_signal = health.clone();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down: health NOT_SERVING, draining in-flight calls");
+            health_for_signal
+                .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+                .await;
+            health_for_signal
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            draining_for_signal.cancel();
+        };
+
+        let grace = self.config.shutdown_grace;
+        let server = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(IdentityServiceServer::new(IdentityApi::new(
+                self.mapper.clone(),
+            )))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), signal);
+        let mut server = std::pin::pin!(server);
+        let result = tokio::select! {
+            r = &mut server => r.map_err(anyhow::Error::from),
+            // The grace period starts when draining does; past it, in-flight calls are abandoned.
+            _ = async { draining.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(grace = ?grace, "in-flight calls did not finish within the grace period");
+                Ok(())
+            }
+        };
+
+        stop.cancel();
+        if let Err(e) = worker.await {
+            tracing::error!(error = %e, "the outbox worker panicked");
+        }
+        draining.cancel();
+        match http_task.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "the HTTP server failed"),
+            Err(e) => tracing::error!(error = %e, "the HTTP server panicked"),
+            Ok(Ok(())) => {}
+        }
+        tracing::info!("stopped");
+        result
+    }
+}

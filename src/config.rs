@@ -1,0 +1,265 @@
+//! Settings: command-line flags with environment fallbacks, each named once here. Everything is
+//! parsed and checked before any port is bound; a bad value stops start-up with a message that names
+//! the setting.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+use secrecy::SecretString;
+use url::Url;
+
+use crate::ory::OryConfig;
+use crate::outbox::OutboxSettings;
+use crate::service::ServiceSettings;
+use crate::store::PoolOptions;
+
+pub const ENV_DATABASE_URL: &str = "DATABASE_URL";
+pub const ENV_ORY_PUBLIC_URL: &str = "ORY_PUBLIC_URL";
+pub const ENV_ORY_ADMIN_URL: &str = "ORY_ADMIN_URL";
+pub const ENV_ORY_API_KEY: &str = "ORY_API_KEY";
+
+pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:50051";
+pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:8080";
+
+/// Parses a duration such as `500ms`, `5s` or `2m`.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value.trim())
+        .map_err(|e| format!("{e}; expected a duration such as 500ms, 5s or 2m"))
+}
+
+fn parse_positive_duration(value: &str) -> Result<Duration, String> {
+    let d = parse_duration(value)?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+/// An Ory base URL: http or https, with a host, without query or fragment.
+pub fn parse_http_url(value: &str) -> Result<Url, String> {
+    let url = Url::parse(value.trim()).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "must be an http or https URL, not {}",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("must name a host".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("must not have a query or fragment".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not carry credentials; use ORY_API_KEY".into());
+    }
+    Ok(url)
+}
+
+/// A PostgreSQL URL. Only the shape is checked here; `serve` connects before it binds any port.
+pub fn parse_database_url(value: &str) -> Result<SecretString, String> {
+    let url = Url::parse(value.trim()).map_err(|_| {
+        "not a URL; expected postgres://user[:password]@host[:port]/database".to_owned()
+    })?;
+    if !matches!(url.scheme(), "postgres" | "postgresql") {
+        return Err("must start with postgres:// or postgresql://".into());
+    }
+    Ok(SecretString::from(value.trim().to_owned()))
+}
+
+fn parse_secret(value: &str) -> Result<SecretString, String> {
+    if value.trim().is_empty() {
+        return Err("must not be empty when set".into());
+    }
+    Ok(SecretString::from(value.trim().to_owned()))
+}
+
+fn parse_cookie_name(value: &str) -> Result<String, String> {
+    let ok = !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err("must be a cookie name (letters, digits and !#$%&'*+-.^_`|~)".into())
+    }
+}
+
+fn parse_pool_size(value: &str) -> Result<usize, String> {
+    match value.trim().parse::<usize>() {
+        Ok(n) if (1..=1000).contains(&n) => Ok(n),
+        _ => Err("must be a whole number from 1 to 1000".into()),
+    }
+}
+
+/// `DATABASE_URL`, shared by every command that needs the database.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = ENV_DATABASE_URL, value_name = ENV_DATABASE_URL, hide_env_values = true, value_parser = parse_database_url)]
+    pub database_url: SecretString,
+}
+
+/// Settings of `idmap serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Base URL of Ory's public API, where `/sessions/whoami` lives
+    /// (self-hosted Kratos: http://kratos:4433; Ory Network: https://<slug>.projects.oryapis.com).
+    #[arg(long, env = ENV_ORY_PUBLIC_URL, value_name = ENV_ORY_PUBLIC_URL, value_parser = parse_http_url)]
+    pub ory_public_url: Url,
+
+    /// Base URL of Ory's admin API (`/admin/identities`). Defaults to ORY_PUBLIC_URL, as on Ory Network;
+    /// self-hosted Kratos serves it on its admin port (http://kratos:4434).
+    #[arg(long, env = ENV_ORY_ADMIN_URL, value_name = ENV_ORY_ADMIN_URL, value_parser = parse_http_url)]
+    pub ory_admin_url: Option<Url>,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// Settings `serve` and `dev` share.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Bearer token for Ory's admin API (an Ory Network project API key). Unset for self-hosted Kratos,
+    /// whose admin port has no authentication.
+    #[arg(long, env = ENV_ORY_API_KEY, value_name = ENV_ORY_API_KEY, hide_env_values = true, value_parser = parse_secret)]
+    pub ory_api_key: Option<SecretString>,
+
+    /// Name of Ory's session cookie when Kratos is configured with a custom `session.cookie.name`.
+    /// `ory_kratos_session` and `ory_session_*` are always recognised.
+    #[arg(long, env = "ORY_SESSION_COOKIE", value_name = "ORY_SESSION_COOKIE", value_parser = parse_cookie_name)]
+    pub ory_session_cookie: Option<String>,
+
+    /// Upper bound on one call to Ory.
+    #[arg(long, env = "IDMAP_ORY_TIMEOUT", value_name = "IDMAP_ORY_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
+    pub ory_timeout: Duration,
+
+    /// Link a user just in time when ResolveSession meets an identity without one.
+    #[arg(long, env = "IDMAP_AUTO_LINK", value_name = "IDMAP_AUTO_LINK", default_value = "true", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub auto_link: bool,
+
+    /// Address of the gRPC server.
+    #[arg(long, env = "IDMAP_GRPC_ADDR", value_name = "IDMAP_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
+    pub grpc_addr: SocketAddr,
+
+    /// Address of the HTTP server (`/healthz`, `/readyz`).
+    #[arg(long, env = "IDMAP_HTTP_ADDR", value_name = "IDMAP_HTTP_ADDR", default_value = DEFAULT_HTTP_ADDR)]
+    pub http_addr: SocketAddr,
+
+    /// Most PostgreSQL connections open at once.
+    #[arg(long, env = "IDMAP_DB_POOL_SIZE", value_name = "IDMAP_DB_POOL_SIZE", default_value = "16", value_parser = parse_pool_size)]
+    pub db_pool_size: usize,
+
+    /// How long a request waits for a PostgreSQL connection before failing with UNAVAILABLE.
+    #[arg(long, env = "IDMAP_DB_TIMEOUT", value_name = "IDMAP_DB_TIMEOUT", default_value = "3s", value_parser = parse_positive_duration)]
+    pub db_timeout: Duration,
+
+    /// First retry delay of a failed Ory write; it doubles per attempt up to IDMAP_OUTBOX_RETRY_MAX.
+    #[arg(long, env = "IDMAP_OUTBOX_RETRY_MIN", value_name = "IDMAP_OUTBOX_RETRY_MIN", default_value = "1s", value_parser = parse_positive_duration)]
+    pub outbox_retry_min: Duration,
+
+    /// Longest retry delay of a failed Ory write.
+    #[arg(long, env = "IDMAP_OUTBOX_RETRY_MAX", value_name = "IDMAP_OUTBOX_RETRY_MAX", default_value = "5m", value_parser = parse_positive_duration)]
+    pub outbox_retry_max: Duration,
+
+    /// On SIGTERM/SIGINT, how long in-flight calls may take to finish before the process exits anyway.
+    #[arg(long, env = "IDMAP_SHUTDOWN_GRACE", value_name = "IDMAP_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// The validated configuration the server runs with.
+#[derive(Clone)]
+pub struct Config {
+    pub database_url: SecretString,
+    pub ory: OryConfig,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub service: ServiceSettings,
+    pub pool: PoolOptions,
+    pub outbox: OutboxSettings,
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Combines the parsed settings; fails, naming the setting, on combinations flags cannot check.
+    pub fn new(
+        database_url: SecretString,
+        ory_public_url: Url,
+        ory_admin_url: Option<Url>,
+        common: CommonArgs,
+    ) -> Result<Self, String> {
+        if common.outbox_retry_min > common.outbox_retry_max {
+            return Err(
+                "IDMAP_OUTBOX_RETRY_MIN must not be greater than IDMAP_OUTBOX_RETRY_MAX".into(),
+            );
+        }
+        let admin_url = ory_admin_url.unwrap_or_else(|| ory_public_url.clone());
+        Ok(Self {
+            database_url,
+            ory: OryConfig {
+                public_url: ory_public_url,
+                admin_url,
+                api_key: common.ory_api_key,
+                timeout: common.ory_timeout,
+            },
+            grpc_addr: common.grpc_addr,
+            http_addr: common.http_addr,
+            service: ServiceSettings {
+                auto_link: common.auto_link,
+                session_cookie_name: common.ory_session_cookie,
+            },
+            pool: PoolOptions {
+                max_size: common.db_pool_size,
+                wait_timeout: common.db_timeout,
+                ..PoolOptions::default()
+            },
+            outbox: OutboxSettings {
+                retry_min: common.outbox_retry_min,
+                retry_max: common.outbox_retry_max,
+                ..OutboxSettings::default()
+            },
+            shutdown_grace: common.shutdown_grace,
+        })
+    }
+
+    pub fn from_serve_args(args: ServeArgs) -> Result<Self, String> {
+        Self::new(
+            args.database.database_url,
+            args.ory_public_url,
+            args.ory_admin_url,
+            args.common,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked() {
+        assert!(parse_http_url("http://kratos:4433").is_ok());
+        assert!(parse_http_url("https://x.projects.oryapis.com/").is_ok());
+        assert!(parse_http_url("ftp://x").is_err());
+        assert!(parse_http_url("kratos:4433").is_err());
+        assert!(parse_http_url("http://u:p@kratos").is_err());
+        assert!(parse_database_url("postgres://postgres@127.0.0.1/db").is_ok());
+        assert!(parse_database_url("mysql://x").is_err());
+        assert!(parse_database_url("nonsense").is_err());
+    }
+
+    #[test]
+    fn durations_and_names_are_checked() {
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert!(parse_positive_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_cookie_name("ory_kratos_session").is_ok());
+        assert!(parse_cookie_name("bad name").is_err());
+        assert!(parse_pool_size("0").is_err());
+    }
+}

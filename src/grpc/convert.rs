@@ -1,0 +1,203 @@
+//! Protobuf <-> domain conversions. Requests are destructured exhaustively, so a field added to the
+//! proto breaks the build here instead of being ignored silently.
+
+use chrono::{DateTime, Utc};
+use prost_types::{ListValue, Struct, Timestamp, Value as PbValue, value::Kind};
+use serde_json::Value;
+
+use crate::domain::{
+    AuthenticationMethod, ExternalId, Identity, IdentityId, LinkRequest, Session, User, UserId,
+};
+use crate::proto::api;
+
+pub fn timestamp(at: DateTime<Utc>) -> Timestamp {
+    Timestamp {
+        seconds: at.timestamp(),
+        nanos: at.timestamp_subsec_nanos() as i32,
+    }
+}
+
+fn json_to_pb(value: Value) -> PbValue {
+    let kind = match value {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        Value::String(s) => Kind::StringValue(s),
+        Value::Array(items) => Kind::ListValue(ListValue {
+            values: items.into_iter().map(json_to_pb).collect(),
+        }),
+        Value::Object(map) => Kind::StructValue(Struct {
+            fields: map.into_iter().map(|(k, v)| (k, json_to_pb(v))).collect(),
+        }),
+    };
+    PbValue { kind: Some(kind) }
+}
+
+/// A JSON object as a `google.protobuf.Struct`; anything else (null included) has no Struct form.
+fn json_object(value: Value) -> Option<Struct> {
+    match value {
+        Value::Object(map) => Some(Struct {
+            fields: map.into_iter().map(|(k, v)| (k, json_to_pb(v))).collect(),
+        }),
+        _ => None,
+    }
+}
+
+impl From<User> for api::User {
+    fn from(user: User) -> Self {
+        let User {
+            id,
+            ory_identity_id,
+            external_id,
+            schema_id,
+            created_at,
+            updated_at,
+        } = user;
+        Self {
+            id: id.to_string(),
+            ory_identity_id: ory_identity_id.to_string(),
+            external_id: external_id
+                .map(|e| e.as_str().to_owned())
+                .unwrap_or_default(),
+            schema_id,
+            created_at: Some(timestamp(created_at)),
+            updated_at: Some(timestamp(updated_at)),
+        }
+    }
+}
+
+impl From<Session> for api::Session {
+    fn from(session: Session) -> Self {
+        let Session {
+            id,
+            active,
+            expires_at,
+            authenticated_at,
+            issued_at,
+            authenticator_assurance_level,
+            authentication_methods,
+        } = session;
+        Self {
+            id,
+            active,
+            expires_at: expires_at.map(timestamp),
+            authenticated_at: authenticated_at.map(timestamp),
+            authenticator_assurance_level: authenticator_assurance_level.unwrap_or_default(),
+            issued_at: issued_at.map(timestamp),
+            authentication_methods: authentication_methods
+                .into_iter()
+                .map(|m| {
+                    let AuthenticationMethod {
+                        method,
+                        aal,
+                        completed_at,
+                        provider,
+                    } = m;
+                    api::AuthenticationMethod {
+                        method,
+                        aal: aal.unwrap_or_default(),
+                        completed_at: completed_at.map(timestamp),
+                        provider: provider.unwrap_or_default(),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<Identity> for api::Identity {
+    fn from(identity: Identity) -> Self {
+        let Identity {
+            id,
+            schema_id,
+            state,
+            external_id,
+            traits,
+            metadata_public,
+            created_at,
+            updated_at,
+        } = identity;
+        Self {
+            id: id.to_string(),
+            schema_id,
+            state,
+            external_id: external_id.unwrap_or_default(),
+            traits: Some(json_object(traits).unwrap_or_default()),
+            metadata_public: json_object(metadata_public),
+            created_at: created_at.map(timestamp),
+            updated_at: updated_at.map(timestamp),
+        }
+    }
+}
+
+impl TryFrom<api::LinkIdentityRequest> for LinkRequest {
+    type Error = crate::error::Error;
+
+    fn try_from(request: api::LinkIdentityRequest) -> Result<Self, Self::Error> {
+        let api::LinkIdentityRequest {
+            ory_identity_id,
+            user_id,
+            external_id,
+        } = request;
+        let mut violations = Vec::new();
+        let identity = IdentityId::parse("ory_identity_id", &ory_identity_id)
+            .map_err(|v| violations.push(v))
+            .ok();
+        let user_id = if user_id.is_empty() {
+            None
+        } else {
+            UserId::parse("user_id", &user_id)
+                .map_err(|v| violations.push(v))
+                .ok()
+        };
+        let external_id = if external_id.is_empty() {
+            None
+        } else {
+            ExternalId::parse("external_id", &external_id)
+                .map_err(|v| violations.push(v))
+                .ok()
+        };
+        match identity {
+            Some(ory_identity_id) if violations.is_empty() => Ok(LinkRequest {
+                ory_identity_id,
+                user_id,
+                external_id,
+            }),
+            _ => Err(crate::error::Error::InvalidArgument(violations)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_objects_become_structs_with_every_kind_of_value() {
+        let s = json_object(json!({"a": 1, "b": [true, null, "x"], "c": {"d": 2.5}})).unwrap();
+        assert_eq!(s.fields.len(), 3);
+        assert_eq!(s.fields["a"].kind, Some(Kind::NumberValue(1.0)));
+        let Some(Kind::ListValue(list)) = &s.fields["b"].kind else {
+            panic!("b is not a list")
+        };
+        assert_eq!(list.values[1].kind, Some(Kind::NullValue(0)));
+        assert!(json_object(Value::Null).is_none());
+        assert!(json_object(json!("text")).is_none());
+    }
+
+    #[test]
+    fn link_request_reports_every_bad_field() {
+        let err = LinkRequest::try_from(api::LinkIdentityRequest {
+            ory_identity_id: "nope".into(),
+            user_id: "also-nope".into(),
+            external_id: "bad\u{7}".into(),
+        })
+        .unwrap_err();
+        let crate::error::Error::InvalidArgument(v) = err else {
+            panic!("wrong error")
+        };
+        let fields: Vec<_> = v.iter().map(|v| v.field).collect();
+        assert_eq!(fields, ["ory_identity_id", "user_id", "external_id"]);
+    }
+}

@@ -1,0 +1,105 @@
+//! `idmap.v1.IdentityService`.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{deadline, status::to_status};
+use crate::domain::{Credential, ExternalId, FieldViolation, IdentityId, LinkRequest};
+use crate::error::Error;
+use crate::proto::api::{self, identity_service_server::IdentityService};
+use crate::service::IdentityMapper;
+
+/// The gRPC face of [`IdentityMapper`].
+#[derive(Clone)]
+pub struct IdentityApi {
+    mapper: Arc<IdentityMapper>,
+}
+
+impl IdentityApi {
+    pub fn new(mapper: Arc<IdentityMapper>) -> Self {
+        Self { mapper }
+    }
+}
+
+#[tonic::async_trait]
+impl IdentityService for IdentityApi {
+    async fn resolve_session(
+        &self,
+        request: Request<api::ResolveSessionRequest>,
+    ) -> Result<Response<api::ResolveSessionResponse>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        let api::ResolveSessionRequest { credential } = message;
+        let work = async {
+            let credential = match credential {
+                Some(api::resolve_session_request::Credential::SessionToken(token)) => {
+                    Credential::session_token("session_token", &token)?
+                }
+                Some(api::resolve_session_request::Credential::Cookie(header)) => {
+                    self.mapper.cookie_credential("cookie", &header)?
+                }
+                None => {
+                    return Err(Error::from(FieldViolation {
+                        field: "credential",
+                        description: "set session_token or cookie".into(),
+                    }));
+                }
+            };
+            self.mapper.resolve_session(&credential).await
+        };
+        let resolved = deadline::within(&metadata, work).await.map_err(to_status)?;
+        Ok(Response::new(api::ResolveSessionResponse {
+            session: Some(resolved.session.into()),
+            identity: Some(resolved.identity.into()),
+            user: resolved.user.map(Into::into),
+        }))
+    }
+
+    async fn get_user_by_ory_id(
+        &self,
+        request: Request<api::GetUserByOryIdRequest>,
+    ) -> Result<Response<api::GetUserByOryIdResponse>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        let api::GetUserByOryIdRequest { ory_identity_id } = message;
+        let work = async {
+            let id = IdentityId::parse("ory_identity_id", &ory_identity_id)?;
+            self.mapper.user_by_identity(id).await
+        };
+        let user = deadline::within(&metadata, work).await.map_err(to_status)?;
+        Ok(Response::new(api::GetUserByOryIdResponse {
+            user: Some(user.into()),
+        }))
+    }
+
+    async fn get_by_external_id(
+        &self,
+        request: Request<api::GetByExternalIdRequest>,
+    ) -> Result<Response<api::GetByExternalIdResponse>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        let api::GetByExternalIdRequest { external_id } = message;
+        let work = async {
+            let external_id = ExternalId::parse("external_id", &external_id)?;
+            self.mapper.user_by_external_id(&external_id).await
+        };
+        let user = deadline::within(&metadata, work).await.map_err(to_status)?;
+        Ok(Response::new(api::GetByExternalIdResponse {
+            user: Some(user.into()),
+        }))
+    }
+
+    async fn link_identity(
+        &self,
+        request: Request<api::LinkIdentityRequest>,
+    ) -> Result<Response<api::LinkIdentityResponse>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        let work = async {
+            let request = LinkRequest::try_from(message)?;
+            self.mapper.link(request).await
+        };
+        let outcome = deadline::within(&metadata, work).await.map_err(to_status)?;
+        Ok(Response::new(api::LinkIdentityResponse {
+            user: Some(outcome.user.into()),
+            created: outcome.created,
+        }))
+    }
+}

@@ -1,0 +1,10 @@
+//! The gRPC adapter: validates requests, converts protobuf to domain types, calls the service, and
+//! converts back. No SQL or HTTP here.
+
+mod convert;
+mod deadline;
+mod identity;
+mod status;
+
+pub use identity::IdentityApi;
+pub use status::to_status;

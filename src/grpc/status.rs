@@ -1,0 +1,108 @@
+//! The one mapping from [`Error`] to `tonic::Status`, with machine-readable details
+//! (`google.rpc.ErrorInfo`, `BadRequest`, `ResourceInfo`, `RetryInfo`).
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::error::{Error, reason};
+
+/// The `ErrorInfo.domain` of every error idmap raises.
+const DOMAIN: &str = "idmap";
+/// The `ErrorInfo.domain` of errors that pass Ory's own error id through.
+const ORY_DOMAIN: &str = "ory.sh";
+
+fn info(reason: &str, metadata: HashMap<String, String>) -> ErrorDetails {
+    ErrorDetails::with_error_info(reason, DOMAIN, metadata)
+}
+
+pub fn to_status(error: Error) -> Status {
+    match error {
+        Error::InvalidArgument(violations) => {
+            let message = error_message(&violations);
+            let mut details = info(reason::INVALID_ARGUMENT, HashMap::new());
+            for v in &violations {
+                details.add_bad_request_violation(v.field, v.description.clone());
+            }
+            Status::with_error_details(Code::InvalidArgument, message, details)
+        }
+        Error::Unauthenticated { message } => Status::with_error_details(
+            Code::Unauthenticated,
+            message,
+            info(reason::SESSION_INVALID, HashMap::new()),
+        ),
+        Error::PermissionDenied {
+            ory_error_id,
+            ory_reason,
+            redirect_browser_to,
+        } => {
+            let id = ory_error_id.unwrap_or_else(|| "forbidden".to_owned());
+            let mut metadata = HashMap::from([("ory_error_id".to_owned(), id.clone())]);
+            if let Some(url) = redirect_browser_to {
+                metadata.insert("redirect_browser_to".to_owned(), url);
+            }
+            let message = match ory_reason {
+                Some(r) => format!("Ory refused the session ({id}): {r}"),
+                None => format!("Ory refused the session ({id})"),
+            };
+            Status::with_error_details(
+                Code::PermissionDenied,
+                message,
+                ErrorDetails::with_error_info(id, ORY_DOMAIN, metadata),
+            )
+        }
+        Error::NotFound {
+            reason,
+            message,
+            resource_type,
+            resource_name,
+        } => {
+            let mut details = info(reason, HashMap::new());
+            details.set_resource_info(resource_type, resource_name, "", message.clone());
+            Status::with_error_details(Code::NotFound, message, details)
+        }
+        Error::AlreadyExists {
+            reason,
+            message,
+            metadata,
+        } => {
+            let metadata = metadata
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect();
+            Status::with_error_details(Code::AlreadyExists, message, info(reason, metadata))
+        }
+        Error::Unavailable {
+            reason,
+            public,
+            retry_after,
+            detail,
+        } => {
+            tracing::warn!(reason, detail, "dependency unavailable");
+            let mut details = info(reason, HashMap::new());
+            if let Some(delay) = retry_after {
+                details.set_retry_info(Some(delay));
+            }
+            Status::with_error_details(Code::Unavailable, public, details)
+        }
+        Error::DeadlineExceeded => Status::with_error_details(
+            Code::DeadlineExceeded,
+            "the deadline passed before the request completed",
+            info(reason::DEADLINE_EXCEEDED, HashMap::new()),
+        ),
+        Error::Internal(detail) => {
+            tracing::error!(detail, "internal error");
+            Status::with_error_details(
+                Code::Internal,
+                "internal error",
+                info(reason::INTERNAL, HashMap::new()),
+            )
+        }
+    }
+}
+
+fn error_message(violations: &[crate::domain::FieldViolation]) -> String {
+    let parts: Vec<String> = violations.iter().map(ToString::to_string).collect();
+    format!("invalid request: {}", parts.join("; "))
+}

@@ -1,0 +1,50 @@
+//! The HTTP listener on IDMAP_HTTP_ADDR: liveness and readiness for orchestrators that probe over
+//! HTTP rather than gRPC health.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Store;
+
+#[derive(Clone)]
+struct HttpState {
+    store: Store,
+    draining: CancellationToken,
+}
+
+/// Serves until `draining` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    store: Store,
+    draining: CancellationToken,
+) -> std::io::Result<()> {
+    let state = HttpState {
+        store,
+        draining: draining.clone(),
+    };
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { draining.cancelled().await })
+        .await
+}
+
+/// Ready while not draining and the database answers.
+async fn ready(State(state): State<HttpState>) -> (StatusCode, &'static str) {
+    if state.draining.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+    }
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n"),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness: database unavailable");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n")
+        }
+    }
+}

@@ -1,0 +1,36 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use idmap::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    idmap::telemetry::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => idmap::cli::serve(args).await,
+            Command::Migrate(args) => idmap::cli::migrate(args).await,
+            Command::Dev(args) => idmap::dev::run(*args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            e.downcast_ref::<idmap::cli::ConfigError>()
+                .map_or(ExitCode::FAILURE, |_| ExitCode::from(64))
+        }
+    }
+}

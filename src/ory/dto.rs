@@ -1,0 +1,140 @@
+//! Kratos JSON, as in ../shared/ory/kratos-api.openapi3.json. Only what idmap reads is declared;
+//! unknown fields are ignored, since Ory adds fields between versions.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::domain::{self, IdentityId};
+
+/// Schema `session`. Only `id` is required by the spec; whoami always embeds the identity.
+#[derive(Debug, Deserialize)]
+pub(super) struct SessionDto {
+    id: Uuid,
+    #[serde(default)]
+    active: Option<bool>,
+    #[serde(default)]
+    expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    authenticated_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    issued_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    authenticator_assurance_level: Option<String>,
+    #[serde(default)]
+    authentication_methods: Option<Vec<AuthenticationMethodDto>>,
+    #[serde(default)]
+    identity: Option<IdentityDto>,
+}
+
+/// Schema `sessionAuthenticationMethod`.
+#[derive(Debug, Deserialize)]
+struct AuthenticationMethodDto {
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    aal: Option<String>,
+    #[serde(default)]
+    completed_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    provider: Option<String>,
+}
+
+/// Schema `identity`. `metadata_admin` and `credentials` are deliberately not declared: whatever the
+/// admin API sends of them is dropped here and can never reach a caller.
+#[derive(Debug, Deserialize)]
+pub(super) struct IdentityDto {
+    id: Uuid,
+    schema_id: String,
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    external_id: Option<String>,
+    #[serde(default)]
+    traits: Value,
+    #[serde(default)]
+    metadata_public: Value,
+    #[serde(default)]
+    created_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    updated_at: Option<DateTime<Utc>>,
+}
+
+/// Schema `genericError` inside `errorGeneric`: `{"error": {...}}`.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct ErrorBody {
+    #[serde(default)]
+    pub error: ErrorDetail,
+    /// The AAL error repeats `redirect_browser_to` at the top level.
+    #[serde(default)]
+    pub redirect_browser_to: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct ErrorDetail {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub details: Option<Value>,
+}
+
+/// One JSON Patch (RFC 6902) operation; Kratos accepts only add, remove and replace.
+#[derive(Debug, Serialize)]
+pub(super) struct PatchOp<'a> {
+    pub op: &'static str,
+    pub path: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+}
+
+impl SessionDto {
+    pub(super) fn into_domain(self) -> Result<domain::SessionWithIdentity, String> {
+        let identity = self
+            .identity
+            .ok_or_else(|| "whoami answered without the session's identity".to_owned())?
+            .into_domain()?;
+        let session = domain::Session {
+            id: self.id.hyphenated().to_string(),
+            // Kratos computes `active` when serialising; whoami answers 401 for inactive sessions, so
+            // a missing flag on a 200 means active.
+            active: self.active.unwrap_or(true),
+            expires_at: self.expires_at,
+            authenticated_at: self.authenticated_at,
+            issued_at: self.issued_at,
+            authenticator_assurance_level: self.authenticator_assurance_level,
+            authentication_methods: self
+                .authentication_methods
+                .unwrap_or_default()
+                .into_iter()
+                .map(|m| domain::AuthenticationMethod {
+                    method: m.method.unwrap_or_default(),
+                    aal: m.aal.filter(|a| !a.is_empty()),
+                    completed_at: m.completed_at,
+                    provider: m.provider.filter(|p| !p.is_empty()),
+                })
+                .collect(),
+        };
+        Ok(domain::SessionWithIdentity { session, identity })
+    }
+}
+
+impl IdentityDto {
+    pub(super) fn into_domain(self) -> Result<domain::Identity, String> {
+        if self.id.is_nil() {
+            return Err("identity has the nil id".to_owned());
+        }
+        Ok(domain::Identity {
+            id: IdentityId::from_uuid(self.id),
+            schema_id: self.schema_id,
+            state: self.state.unwrap_or_else(|| "active".to_owned()),
+            external_id: self.external_id.filter(|e| !e.is_empty()),
+            traits: self.traits,
+            metadata_public: self.metadata_public,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}

@@ -1,0 +1,300 @@
+//! The one module that talks HTTP to Ory (Kratos or Ory Network): base URLs, the admin API key,
+//! timeouts, the Kratos JSON types, and the mapping from Ory's statuses and error bodies to
+//! [`OryError`]. It follows ../shared/ory/CONTRACT.md.
+//!
+//! Tests exercise this client against the Kratos emulator over real HTTP rather than swapping it for
+//! an in-process fake, so the request and response encoding is tested too.
+
+mod dto;
+mod error;
+
+use std::time::Duration;
+
+use reqwest::{Method, RequestBuilder, Response, StatusCode, header};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+use url::Url;
+
+pub use error::OryError;
+
+use crate::domain::{
+    Credential, CredentialKind, Identity, IdentityId, SessionWithIdentity, UserId,
+};
+use dto::{ErrorBody, IdentityDto, PatchOp, SessionDto};
+
+/// The largest Ory response body read; identities with big traits stay far below it.
+const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Where Ory is and how to reach it.
+#[derive(Clone)]
+pub struct OryConfig {
+    /// Base URL of the public API (`/sessions/whoami`).
+    pub public_url: Url,
+    /// Base URL of the admin API (`/admin/identities`).
+    pub admin_url: Url,
+    /// Bearer token for the admin API (Ory Network project API key).
+    pub api_key: Option<SecretString>,
+    /// Upper bound on one Ory call, connect to last byte.
+    pub timeout: Duration,
+}
+
+/// What writing the internal user id to `metadata_public.id` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetadataWrite {
+    /// Ory now holds the id.
+    Written,
+    /// Ory already held that id; nothing was sent.
+    AlreadySet,
+    /// `metadata_public` holds something other than an object or null, so adding a key would destroy
+    /// it; an operator must decide.
+    NotAnObject,
+}
+
+/// An Ory client. Cheap to clone (reqwest's client is reference-counted).
+#[derive(Clone)]
+pub struct KratosClient {
+    http: reqwest::Client,
+    public_url: Url,
+    admin_url: Url,
+    api_key: Option<SecretString>,
+}
+
+impl KratosClient {
+    pub fn new(config: OryConfig) -> Result<Self, OryError> {
+        crate::tls::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(Duration::from_secs(5)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("idmap/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| OryError::Protocol(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Self {
+            http,
+            public_url: with_trailing_slash(config.public_url),
+            admin_url: with_trailing_slash(config.admin_url),
+            api_key: config.api_key,
+        })
+    }
+
+    /// Validates a session with `GET /sessions/whoami`.
+    #[tracing::instrument(name = "ory.whoami", skip_all, fields(kind = ?credential.kind()))]
+    pub async fn whoami(&self, credential: &Credential) -> Result<SessionWithIdentity, OryError> {
+        let url = join(&self.public_url, "sessions/whoami")?;
+        let mut request = self
+            .http
+            .get(url)
+            .header(header::ACCEPT, "application/json");
+        request = match credential.kind() {
+            CredentialKind::SessionToken => request.header("X-Session-Token", credential.expose()),
+            CredentialKind::Cookie => request.header(header::COOKIE, credential.expose()),
+        };
+        let response = send(request).await?;
+        match response.status() {
+            StatusCode::OK => {
+                let dto: SessionDto = read_json(response).await?;
+                dto.into_domain().map_err(OryError::Protocol)
+            }
+            StatusCode::UNAUTHORIZED => Err(OryError::Unauthenticated),
+            StatusCode::FORBIDDEN => {
+                let header_id = header_str(&response, "ory-error-id");
+                let body: ErrorBody = read_json(response).await.unwrap_or_default();
+                let redirect = body.redirect_browser_to.or_else(|| {
+                    body.error
+                        .details
+                        .as_ref()
+                        .and_then(|d| d.get("redirect_browser_to"))
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                });
+                Err(OryError::Forbidden {
+                    error_id: body.error.id.or(header_id).filter(|s| !s.is_empty()),
+                    reason: body.error.reason,
+                    redirect_browser_to: redirect,
+                })
+            }
+            _ => Err(unexpected(response).await),
+        }
+    }
+
+    /// Reads an identity with `GET /admin/identities/{id}`.
+    #[tracing::instrument(name = "ory.get_identity", skip_all, fields(identity = %id))]
+    pub async fn get_identity(&self, id: IdentityId) -> Result<Identity, OryError> {
+        let url = join(&self.admin_url, &format!("admin/identities/{id}"))?;
+        let response = send(self.admin(Method::GET, url)).await?;
+        match response.status() {
+            StatusCode::OK => {
+                let dto: IdentityDto = read_json(response).await?;
+                dto.into_domain().map_err(OryError::Protocol)
+            }
+            StatusCode::NOT_FOUND => Err(OryError::NotFound),
+            _ => Err(unexpected(response).await),
+        }
+    }
+
+    /// Makes `metadata_public.id` hold `user_id`, keeping every other key. Kratos's PATCH accepts
+    /// only add/remove/replace and has no test op, so: read, then add just the `id` key to an
+    /// existing object (other keys untouched even if they change meanwhile), or add the whole object
+    /// when there is none.
+    #[tracing::instrument(name = "ory.set_metadata_public_id", skip_all, fields(identity = %id))]
+    pub async fn set_metadata_public_id(
+        &self,
+        id: IdentityId,
+        user_id: UserId,
+    ) -> Result<MetadataWrite, OryError> {
+        let identity = self.get_identity(id).await?;
+        let wanted = user_id.to_string();
+        let op = match &identity.metadata_public {
+            Value::Object(map) if map.get("id").and_then(Value::as_str) == Some(&wanted) => {
+                return Ok(MetadataWrite::AlreadySet);
+            }
+            Value::Object(_) => PatchOp {
+                op: "add",
+                path: "/metadata_public/id",
+                value: Some(Value::String(wanted)),
+            },
+            Value::Null => PatchOp {
+                op: "add",
+                path: "/metadata_public",
+                value: Some(json!({ "id": wanted })),
+            },
+            _ => return Ok(MetadataWrite::NotAnObject),
+        };
+        let url = join(&self.admin_url, &format!("admin/identities/{id}"))?;
+        let response = send(self.admin(Method::PATCH, url).json(&[op])).await?;
+        match response.status() {
+            StatusCode::OK => Ok(MetadataWrite::Written),
+            StatusCode::NOT_FOUND => Err(OryError::NotFound),
+            StatusCode::CONFLICT => Err(OryError::Conflict),
+            _ => Err(unexpected(response).await),
+        }
+    }
+
+    fn admin(&self, method: Method, url: Url) -> RequestBuilder {
+        let request = self
+            .http
+            .request(method, url)
+            .header(header::ACCEPT, "application/json");
+        match &self.api_key {
+            Some(key) => request.bearer_auth(key.expose_secret()),
+            None => request,
+        }
+    }
+}
+
+fn with_trailing_slash(mut url: Url) -> Url {
+    if !url.path().ends_with('/') {
+        let path = format!("{}/", url.path());
+        url.set_path(&path);
+    }
+    url
+}
+
+fn join(base: &Url, path: &str) -> Result<Url, OryError> {
+    base.join(path)
+        .map_err(|e| OryError::Protocol(format!("cannot build the Ory URL: {e}")))
+}
+
+async fn send(request: RequestBuilder) -> Result<Response, OryError> {
+    let started = tokio::time::Instant::now();
+    let result = request.send().await;
+    match result {
+        Ok(response) => {
+            tracing::debug!(
+                status = response.status().as_u16(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "ory answered"
+            );
+            Ok(response)
+        }
+        // Never format the request itself: its headers hold the credential.
+        Err(e) if e.is_timeout() => Err(OryError::Unavailable("timed out".to_owned())),
+        Err(e) if e.is_connect() => Err(OryError::Unavailable("cannot connect".to_owned())),
+        Err(e) => Err(OryError::Unavailable(format!(
+            "request failed: {}",
+            e.without_url()
+        ))),
+    }
+}
+
+/// Maps the statuses every endpoint shares; the caller has handled the ones specific to it.
+async fn unexpected(response: Response) -> OryError {
+    let status = response.status();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        return OryError::RateLimited {
+            retry_after: retry_after(&response),
+        };
+    }
+    if status.is_server_error() {
+        return OryError::Unavailable(format!("status {}", status.as_u16()));
+    }
+    let is_admin = response.url().path().contains("/admin/");
+    if is_admin && (status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN) {
+        return OryError::AdminUnauthorized(status.as_u16());
+    }
+    let reason = read_json::<ErrorBody>(response)
+        .await
+        .ok()
+        .and_then(|b| b.error.reason.or(b.error.id));
+    OryError::Protocol(match reason {
+        Some(reason) => format!("status {}: {reason}", status.as_u16()),
+        None => format!("status {}", status.as_u16()),
+    })
+}
+
+/// `Retry-After` (seconds or an HTTP date), else Ory Network's `x-ratelimit-reset` (seconds).
+fn retry_after(response: &Response) -> Option<Duration> {
+    if let Some(value) = header_str(response, "retry-after") {
+        if let Ok(secs) = value.trim().parse::<u64>() {
+            return Some(Duration::from_secs(secs));
+        }
+        if let Ok(at) = chrono::DateTime::parse_from_rfc2822(value.trim()) {
+            let secs = (at.timestamp() - chrono::Utc::now().timestamp()).max(0);
+            return Some(Duration::from_secs(secs as u64));
+        }
+    }
+    header_str(response, "x-ratelimit-reset")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        // Some gateways send an epoch timestamp here instead of a delay; ignore values that cannot be
+        // a delay rather than waiting for decades.
+        .filter(|secs| *secs < 24 * 3600)
+        .map(Duration::from_secs)
+}
+
+fn header_str(response: &Response, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(mut response: Response) -> Result<T, OryError> {
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_BODY_BYTES {
+                    return Err(OryError::Protocol(format!(
+                        "response body larger than {MAX_BODY_BYTES} bytes"
+                    )));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(e) if e.is_timeout() => {
+                return Err(OryError::Unavailable(
+                    "timed out reading the body".to_owned(),
+                ));
+            }
+            Err(e) => {
+                return Err(OryError::Unavailable(format!(
+                    "reading the body failed: {}",
+                    e.without_url()
+                )));
+            }
+        }
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| OryError::Protocol(format!("cannot decode Ory's JSON: {e}")))
+}

@@ -1,0 +1,45 @@
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use uuid::Uuid;
+
+use super::schema::{user_external_ids, users};
+use crate::domain::{ExternalId, IdentityId, User, UserId};
+
+#[derive(Debug, Queryable, Selectable)]
+#[diesel(table_name = users, check_for_backend(diesel::pg::Pg))]
+pub(super) struct UserRow {
+    pub id: Uuid,
+    pub ory_identity_id: Uuid,
+    pub schema_id: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl UserRow {
+    pub fn into_domain(self, external_id: Option<String>) -> User {
+        User {
+            id: UserId::from_uuid(self.id),
+            ory_identity_id: IdentityId::from_uuid(self.ory_identity_id),
+            external_id: external_id.map(ExternalId::from_trusted),
+            schema_id: self.schema_id,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
+    }
+}
+
+#[derive(Debug, Insertable)]
+#[diesel(table_name = users)]
+pub(super) struct NewUserRow<'a> {
+    pub id: Uuid,
+    pub ory_identity_id: Uuid,
+    pub schema_id: &'a str,
+}
+
+#[derive(Debug, Insertable)]
+#[diesel(table_name = user_external_ids)]
+pub(super) struct NewExternalIdRow<'a> {
+    pub namespace: &'a str,
+    pub external_id: &'a str,
+    pub user_id: Uuid,
+}

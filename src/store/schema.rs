@@ -1,0 +1,39 @@
+// @generated-equivalent: matches `diesel print-schema` for migrations/ (no diesel CLI is needed to build;
+// keep it in step with the migrations by hand, and the migration test checks the two agree).
+
+diesel::table! {
+    ory_outbox (id) {
+        id -> Int8,
+        kind -> Text,
+        ory_identity_id -> Uuid,
+        user_id -> Uuid,
+        attempts -> Int4,
+        next_attempt_at -> Timestamptz,
+        last_error -> Nullable<Text>,
+        failed_at -> Nullable<Timestamptz>,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    user_external_ids (namespace, external_id) {
+        namespace -> Text,
+        external_id -> Text,
+        user_id -> Uuid,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    users (id) {
+        id -> Uuid,
+        ory_identity_id -> Uuid,
+        schema_id -> Text,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::joinable!(user_external_ids -> users (user_id));
+
+diesel::allow_tables_to_appear_in_same_query!(ory_outbox, user_external_ids, users,);

@@ -1,0 +1,274 @@
+use diesel::prelude::*;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+
+use super::models::{NewExternalIdRow, NewUserRow, UserRow};
+use super::outbox::{self, OutboxKind};
+use super::schema::{user_external_ids, users};
+use super::{Store, StoreError};
+use crate::domain::{ExternalId, IdentityId, LinkOutcome, LinkRequest, User, UserId};
+
+/// Today every external id lives in the default namespace; the column leaves room for more.
+const DEFAULT_NAMESPACE: &str = "";
+
+/// How many times a link is retried after losing a race to a concurrent link of the same identity.
+const LINK_ATTEMPTS: usize = 3;
+
+/// Why a link could not be stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkConflict {
+    /// The identity is already linked to this other user.
+    IdentityLinked { user_id: UserId },
+    /// The requested user is already linked to this other identity.
+    UserLinked { ory_identity_id: IdentityId },
+    /// Another user holds the external id.
+    ExternalIdTaken { user_id: Option<UserId> },
+    /// The identity's user already has this other external id.
+    ExternalIdAlreadySet { external_id: ExternalId },
+}
+
+/// The outcome of [`Store::link`].
+#[derive(Debug)]
+pub enum LinkResult {
+    Linked(LinkOutcome),
+    Conflict(LinkConflict),
+}
+
+/// Errors inside the link transaction: anything but `Store` rolls back and is then reported.
+#[derive(Debug)]
+enum TxError {
+    Store(StoreError),
+    Conflict(LinkConflict),
+    /// A concurrent link of the same identity committed first; start over to see it.
+    LostRace,
+}
+
+impl From<diesel::result::Error> for TxError {
+    fn from(e: diesel::result::Error) -> Self {
+        Self::Store(StoreError::classify(e))
+    }
+}
+
+type UserWithExternalId = (UserRow, Option<String>);
+
+/// Users with their default-namespace external id. A macro, because the query's type is unnameable.
+macro_rules! select_users {
+    () => {
+        users::table
+            .left_join(
+                user_external_ids::table.on(user_external_ids::user_id
+                    .eq(users::id)
+                    .and(user_external_ids::namespace.eq(DEFAULT_NAMESPACE))),
+            )
+            .select((
+                UserRow::as_select(),
+                user_external_ids::external_id.nullable(),
+            ))
+    };
+}
+
+impl Store {
+    /// The user linked to an Ory identity.
+    pub async fn user_by_identity(&self, id: IdentityId) -> Result<Option<User>, StoreError> {
+        let mut conn = self.conn().await?;
+        find_by_identity(&mut conn, id)
+            .await
+            .map_err(StoreError::classify)
+    }
+
+    /// The user holding an external id.
+    pub async fn user_by_external_id(
+        &self,
+        external_id: &ExternalId,
+    ) -> Result<Option<User>, StoreError> {
+        let mut conn = self.conn().await?;
+        let row: Option<UserWithExternalId> = users::table
+            .inner_join(user_external_ids::table)
+            .filter(user_external_ids::namespace.eq(DEFAULT_NAMESPACE))
+            .filter(user_external_ids::external_id.eq(external_id.as_str()))
+            .select((
+                UserRow::as_select(),
+                user_external_ids::external_id.nullable(),
+            ))
+            .first(&mut conn)
+            .await
+            .optional()
+            .map_err(StoreError::classify)?;
+        Ok(row.map(|(user, ext)| user.into_domain(ext)))
+    }
+
+    /// Links an identity to a user in one transaction: creates or reuses the user, sets the external
+    /// id, and queues the Ory `metadata_public.id` write in the outbox unless `ory_has` (the id Ory
+    /// records now) already names the user.
+    ///
+    /// Uniqueness is left to PostgreSQL's constraints (`INSERT .. ON CONFLICT DO NOTHING` waits for a
+    /// concurrent insert of the same key to settle), so concurrent calls cannot create duplicates.
+    pub async fn link(
+        &self,
+        request: &LinkRequest,
+        schema_id: &str,
+        ory_has: Option<&str>,
+    ) -> Result<LinkResult, StoreError> {
+        let mut conn = self.conn().await?;
+        for _ in 0..LINK_ATTEMPTS {
+            let result = conn
+                .transaction::<_, TxError, _>(async |conn| {
+                    link_in_tx(conn, request, schema_id, ory_has).await
+                })
+                .await;
+            match result {
+                Ok(outcome) => return Ok(LinkResult::Linked(outcome)),
+                Err(TxError::Conflict(conflict)) => return Ok(LinkResult::Conflict(conflict)),
+                Err(TxError::Store(e)) => return Err(e),
+                Err(TxError::LostRace) => continue,
+            }
+        }
+        Err(StoreError::Unavailable(
+            "the link kept racing concurrent links of the same identity".into(),
+        ))
+    }
+}
+
+async fn find_by_identity(
+    conn: &mut AsyncPgConnection,
+    id: IdentityId,
+) -> QueryResult<Option<User>> {
+    let row: Option<UserWithExternalId> = select_users!()
+        .filter(users::ory_identity_id.eq(id.as_uuid()))
+        .first(conn)
+        .await
+        .optional()?;
+    Ok(row.map(|(user, ext)| user.into_domain(ext)))
+}
+
+async fn link_in_tx(
+    conn: &mut AsyncPgConnection,
+    request: &LinkRequest,
+    schema_id: &str,
+    ory_has: Option<&str>,
+) -> Result<LinkOutcome, TxError> {
+    let identity = request.ory_identity_id;
+    // Lock the identity's user row so concurrent links of one identity run one after the other.
+    // (PostgreSQL cannot lock the nullable side of an outer join, so the user row is locked on its
+    // own and its external id read after.)
+    let existing: Option<UserRow> = users::table
+        .filter(users::ory_identity_id.eq(identity.as_uuid()))
+        .select(UserRow::as_select())
+        .for_update()
+        .first(conn)
+        .await
+        .optional()?;
+
+    let (user_id, created) = match existing {
+        Some(row) => {
+            let current_external: Option<String> = user_external_ids::table
+                .filter(user_external_ids::user_id.eq(row.id))
+                .filter(user_external_ids::namespace.eq(DEFAULT_NAMESPACE))
+                .select(user_external_ids::external_id)
+                .first(conn)
+                .await
+                .optional()?;
+            let user_id = UserId::from_uuid(row.id);
+            if let Some(wanted) = request.user_id
+                && wanted != user_id
+            {
+                return Err(TxError::Conflict(LinkConflict::IdentityLinked { user_id }));
+            }
+            let mut changed = false;
+            if let Some(wanted) = &request.external_id {
+                match current_external {
+                    Some(current) if current == wanted.as_str() => {}
+                    Some(current) => {
+                        return Err(TxError::Conflict(LinkConflict::ExternalIdAlreadySet {
+                            external_id: ExternalId::from_trusted(current),
+                        }));
+                    }
+                    None => {
+                        insert_external_id(conn, user_id, wanted).await?;
+                        changed = true;
+                    }
+                }
+            }
+            if row.schema_id != schema_id || changed {
+                diesel::update(users::table.find(row.id))
+                    .set((
+                        users::schema_id.eq(schema_id),
+                        users::updated_at.eq(diesel::dsl::now),
+                    ))
+                    .execute(conn)
+                    .await?;
+            }
+            (user_id, false)
+        }
+        None => {
+            let user_id = request.user_id.unwrap_or_else(UserId::mint);
+            let inserted = diesel::insert_into(users::table)
+                .values(NewUserRow {
+                    id: user_id.as_uuid(),
+                    ory_identity_id: identity.as_uuid(),
+                    schema_id,
+                })
+                .on_conflict_do_nothing()
+                .execute(conn)
+                .await?;
+            if inserted == 0 {
+                // Either the user id is taken by another identity, or a concurrent link of this
+                // identity committed after our SELECT.
+                let holder: Option<uuid::Uuid> = users::table
+                    .find(user_id.as_uuid())
+                    .select(users::ory_identity_id)
+                    .first(conn)
+                    .await
+                    .optional()?;
+                return match holder {
+                    Some(other) if other != identity.as_uuid() => {
+                        Err(TxError::Conflict(LinkConflict::UserLinked {
+                            ory_identity_id: IdentityId::from_uuid(other),
+                        }))
+                    }
+                    _ => Err(TxError::LostRace),
+                };
+            }
+            if let Some(external_id) = &request.external_id {
+                insert_external_id(conn, user_id, external_id).await?;
+            }
+            (user_id, true)
+        }
+    };
+
+    if ory_has != Some(user_id.to_string().as_str()) {
+        outbox::enqueue(conn, OutboxKind::SetMetadataPublicId, identity, user_id).await?;
+    }
+
+    let user = find_by_identity(conn, identity)
+        .await?
+        .ok_or(TxError::LostRace)?;
+    Ok(LinkOutcome { user, created })
+}
+
+async fn insert_external_id(
+    conn: &mut AsyncPgConnection,
+    user_id: UserId,
+    external_id: &ExternalId,
+) -> Result<(), TxError> {
+    let inserted = diesel::insert_into(user_external_ids::table)
+        .values(NewExternalIdRow {
+            namespace: DEFAULT_NAMESPACE,
+            external_id: external_id.as_str(),
+            user_id: user_id.as_uuid(),
+        })
+        .on_conflict_do_nothing()
+        .execute(conn)
+        .await?;
+    if inserted == 1 {
+        return Ok(());
+    }
+    let holder: Option<uuid::Uuid> = user_external_ids::table
+        .find((DEFAULT_NAMESPACE, external_id.as_str()))
+        .select(user_external_ids::user_id)
+        .first(conn)
+        .await
+        .optional()?;
+    Err(TxError::Conflict(LinkConflict::ExternalIdTaken {
+        user_id: holder.map(UserId::from_uuid),
+    }))
+}

@@ -1,0 +1,174 @@
+//! The `idmap` binary itself: configuration errors, migrations, and SIGTERM handling.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_idmap");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A command with none of the developer's idmap settings leaking in.
+fn idmap(args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null());
+    cmd
+}
+
+async fn output(mut cmd: Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || cmd.output().expect("run idmap"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_bad_settings_and_names_them() {
+    let cases: [(&[(&str, &str)], &str); 5] = [
+        (&[("ORY_PUBLIC_URL", "http://kratos:4433")], "DATABASE_URL"),
+        (
+            &[("DATABASE_URL", "postgres://x@127.0.0.1/x")],
+            "ORY_PUBLIC_URL",
+        ),
+        (
+            &[
+                ("DATABASE_URL", "postgres://x@127.0.0.1/x"),
+                ("ORY_PUBLIC_URL", "ftp://kratos"),
+            ],
+            "ORY_PUBLIC_URL",
+        ),
+        (
+            &[
+                ("DATABASE_URL", "postgres://x@127.0.0.1/x"),
+                ("ORY_PUBLIC_URL", "http://kratos:4433"),
+                ("IDMAP_GRPC_ADDR", "not-an-address"),
+            ],
+            "IDMAP_GRPC_ADDR",
+        ),
+        (
+            &[
+                ("DATABASE_URL", "postgres://x@127.0.0.1/x"),
+                ("ORY_PUBLIC_URL", "http://kratos:4433"),
+                ("IDMAP_AUTO_LINK", "maybe"),
+            ],
+            "IDMAP_AUTO_LINK",
+        ),
+    ];
+    for (env, named) in cases {
+        let mut cmd = idmap(&["serve"]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = output(cmd).await;
+        assert!(!out.status.success(), "accepted {env:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(named), "{named} not named in: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_an_unreachable_or_unmigrated_database() {
+    let ory = emulator().await;
+    let dead = format!("postgres://postgres@127.0.0.1:{}/postgres", free_port());
+    let mut cmd = idmap(&["serve"]);
+    cmd.env("DATABASE_URL", &dead)
+        .env("ORY_PUBLIC_URL", ory.url());
+    let out = output(cmd).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DATABASE_URL"));
+
+    // An empty database: serve asks for `idmap migrate`; migrate makes serve possible.
+    let db = TestDb::new().await;
+    {
+        use diesel_async::SimpleAsyncConnection;
+        let mut conn = db.conn().await;
+        conn.batch_execute(
+            "DROP TABLE ory_outbox, user_external_ids, users, __diesel_schema_migrations",
+        )
+        .await
+        .unwrap();
+    }
+    let url = db.url().expose_secret().to_owned();
+    let mut cmd = idmap(&["serve"]);
+    cmd.env("DATABASE_URL", &url)
+        .env("ORY_PUBLIC_URL", ory.url());
+    let out = output(cmd).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("idmap migrate"));
+
+    let mut cmd = idmap(&["migrate"]);
+    cmd.env("DATABASE_URL", &url);
+    let out = output(cmd).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(db.count("SELECT count(*) FROM users").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_exits_zero_on_sigterm() {
+    let db = TestDb::new().await;
+    let ory = emulator().await;
+    let grpc_port = free_port();
+    let mut cmd = idmap(&["serve"]);
+    cmd.env("DATABASE_URL", db.url().expose_secret())
+        .env("ORY_PUBLIC_URL", ory.url())
+        .env("IDMAP_GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
+        .env("IDMAP_HTTP_ADDR", format!("127.0.0.1:{}", free_port()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().expect("spawn idmap serve");
+
+    // Wait until it serves.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Ok(channel) =
+            tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))
+                .unwrap()
+                .connect()
+                .await
+            && HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .is_ok()
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "idmap serve never became healthy"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "idmap serve exited early"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}

@@ -1,0 +1,187 @@
+//! A real PostgreSQL for every test, each test in its own database.
+//!
+//! The server is the one in DATABASE_URL when set (CI machines and developers have one on
+//! 127.0.0.1:5432), else a private cluster this process starts from the installed server binaries
+//! (the same code `idmap dev` uses). Migrations run once, into a template database; each test then
+//! gets `CREATE DATABASE .. TEMPLATE`, which copies files instead of replaying migrations, and drops
+//! it when the test ends. Databases left behind by killed runs are swept at start-up.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use embedded_pg::EmbeddedPg;
+use secrecy::SecretString;
+use url::Url;
+
+const PREFIX: &str = "idmap_t_";
+
+struct Server {
+    /// URL of a maintenance database on the server (used for CREATE/DROP DATABASE).
+    admin_url: String,
+    template: String,
+    _cluster: Option<EmbeddedPg>,
+}
+
+static SERVER: OnceLock<Server> = OnceLock::new();
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Runs async set-up work on a runtime of its own: test runtimes come and go, and the shared
+/// server outlives all of them.
+fn block_on<F: Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
+fn with_database(url: &str, database: &str) -> String {
+    let mut url = Url::parse(url).expect("database URL");
+    url.set_path(&format!("/{database}"));
+    url.to_string()
+}
+
+fn server() -> &'static Server {
+    SERVER.get_or_init(|| {
+        std::thread::spawn(|| {
+            let (admin_url, cluster) = match std::env::var("DATABASE_URL") {
+                Ok(url) if !url.is_empty() => (url, None),
+                _ => {
+                    let cluster = EmbeddedPg::start().expect("start a private PostgreSQL");
+                    (cluster.url(), Some(cluster))
+                }
+            };
+            let pid = std::process::id();
+            let template = format!("{PREFIX}{pid}_template");
+            block_on(async {
+                let mut conn = AsyncPgConnection::establish(&admin_url)
+                    .await
+                    .expect("connect to the test PostgreSQL");
+                sweep_leftovers(&mut conn).await;
+                conn.batch_execute(&format!("DROP DATABASE IF EXISTS {template}"))
+                    .await
+                    .expect("drop old template");
+                conn.batch_execute(&format!("CREATE DATABASE {template}"))
+                    .await
+                    .expect("create template");
+                let url = SecretString::from(with_database(&admin_url, &template));
+                idmap::store::migrate::run_pending(&url)
+                    .await
+                    .expect("migrate the template");
+            });
+            Server {
+                admin_url,
+                template,
+                _cluster: cluster,
+            }
+        })
+        .join()
+        .expect("test database set-up panicked")
+    })
+}
+
+/// Drops test databases of processes that no longer run (a killed `cargo test` leaves them).
+async fn sweep_leftovers(conn: &mut AsyncPgConnection) {
+    use diesel::prelude::*;
+    use diesel_async::RunQueryDsl;
+
+    #[derive(QueryableByName)]
+    struct Name {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        datname: String,
+    }
+    let names: Vec<Name> = diesel::sql_query(format!(
+        "SELECT datname FROM pg_database WHERE datname LIKE '{PREFIX}%'"
+    ))
+    .load(conn)
+    .await
+    .unwrap_or_default();
+    for Name { datname } in names {
+        let pid = datname
+            .trim_start_matches(PREFIX)
+            .split('_')
+            .next()
+            .and_then(|p| p.parse::<u32>().ok());
+        let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            let _ = conn
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {datname} WITH (FORCE)"))
+                .await;
+        }
+    }
+}
+
+/// A database of the test's own, dropped when the value is.
+pub struct TestDb {
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let server = tokio::task::spawn_blocking(server).await.expect("set-up");
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{PREFIX}{}_{n}", std::process::id());
+        let mut conn = AsyncPgConnection::establish(&server.admin_url)
+            .await
+            .expect("connect");
+        conn.batch_execute(&format!(
+            "CREATE DATABASE {name} TEMPLATE {}",
+            server.template
+        ))
+        .await
+        .expect("create the test database");
+        TestDb {
+            url: with_database(&server.admin_url, &name),
+            name,
+        }
+    }
+
+    pub fn url(&self) -> SecretString {
+        SecretString::from(self.url.clone())
+    }
+
+    /// A direct connection, for asserting on what is stored.
+    pub async fn conn(&self) -> AsyncPgConnection {
+        AsyncPgConnection::establish(&self.url)
+            .await
+            .expect("connect to the test database")
+    }
+
+    /// Runs a `SELECT count(*) ...` and returns the count.
+    pub async fn count(&self, sql: &str) -> i64 {
+        use diesel::prelude::*;
+        use diesel_async::RunQueryDsl;
+        #[derive(QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let mut conn = self.conn().await;
+        let row: Count = diesel::sql_query(format!("SELECT ({sql}) AS n"))
+            .get_result(&mut conn)
+            .await
+            .expect("count query");
+        row.n
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(server) = SERVER.get() else { return };
+        let admin = server.admin_url.clone();
+        let name = self.name.clone();
+        // Drop runs inside a test's runtime, which may not block; a thread of its own may.
+        let _ = std::thread::spawn(move || {
+            block_on(async move {
+                if let Ok(mut conn) = AsyncPgConnection::establish(&admin).await {
+                    let _ = conn
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            })
+        })
+        .join();
+    }
+}

@@ -1,0 +1,14 @@
+//! idmap's integration tests: a real PostgreSQL (a database per test), the Kratos emulator over real
+//! HTTP, and idmap driven through its generated gRPC client over TCP.
+
+// Test code: a failed unwrap is a failed test, which is what we want.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+mod binary;
+mod link;
+mod lookup;
+mod outbox;
+mod resolve;
+mod server;

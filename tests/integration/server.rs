@@ -1,0 +1,191 @@
+use std::time::Duration;
+
+use idmap::proto::api::{ResolveSessionRequest, resolve_session_request::Credential};
+use kratos_emulator::{Fault, Route};
+use tokio_stream::StreamExt;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use tonic_reflection::pb::{v1, v1alpha};
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_serving_overall_and_for_the_service() {
+    let env = Env::new().await;
+    let mut health = HealthClient::new(channel(env.server.addr).await);
+    for service in ["", "idmap.v1.IdentityService"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status();
+        assert_eq!(status, ServingStatus::Serving, "service {service:?}");
+    }
+    let err = health
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_v1_and_v1alpha_list_and_describe_every_service() {
+    let env = Env::new().await;
+    let channel = channel(env.server.addr).await;
+
+    let mut v1 = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut stream = v1
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = stream.next().await.unwrap().unwrap();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        response.message_response
+    else {
+        panic!("unexpected reflection answer")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "idmap.v1.IdentityService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+
+    // grpcurl describes a service by asking for the file that contains the symbol.
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "idmap.v1.IdentityService".into(),
+            ),
+        ),
+    };
+    let mut stream = v1
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = stream.next().await.unwrap().unwrap();
+    assert!(matches!(
+        response.message_response,
+        Some(v1::server_reflection_response::MessageResponse::FileDescriptorResponse(ref f))
+            if !f.file_descriptor_proto.is_empty()
+    ));
+
+    let mut alpha = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut stream = alpha
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = stream.next().await.unwrap().unwrap();
+    assert!(matches!(
+        response.message_response,
+        Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(ref l))
+            if l.service.iter().any(|s| s.name == "idmap.v1.IdentityService")
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_turns_health_not_serving_and_lets_in_flight_calls_finish() {
+    let mut env = Env::new().await;
+    let (_, session) = env.customer("inflight@example.com");
+    let channel = channel(env.server.addr).await;
+    let mut health = HealthClient::new(channel.clone());
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "idmap.v1.IdentityService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
+
+    // A call that Ory answers slowly is in flight when the shutdown begins.
+    env.ory.inject_fault(
+        Route::Whoami,
+        Fault::status(0).delay(Duration::from_millis(800)).times(1),
+    );
+    let mut client = env.client();
+    let in_flight = tokio::spawn(async move {
+        client
+            .resolve_session(ResolveSessionRequest {
+                credential: Some(Credential::SessionToken(session.token)),
+            })
+            .await
+    });
+    // Shut down once the call has reached Ory.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while env.ory.calls(Route::Whoami) == 0 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    env.server.begin_shutdown();
+
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status(),
+        ServingStatus::NotServing
+    );
+    drop(watch);
+    let answered = in_flight.await.unwrap();
+    assert!(answered.is_ok(), "in-flight call failed: {answered:?}");
+    tokio::time::timeout(PATIENCE, env.server.join())
+        .await
+        .expect("server stopped")
+        .expect("server exited cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_endpoints_report_liveness_and_readiness() {
+    let env = Env::new().await;
+    let base = format!("http://{}", env.server.http_addr);
+    // reqwest is built without a bundled TLS provider (see src/tls.rs).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_shorter_than_ory_is_deadline_exceeded() {
+    let env = Env::new().await;
+    let (_, session) = env.customer("deadline@example.com");
+    env.ory.inject_fault(
+        Route::Whoami,
+        Fault::status(0).delay(Duration::from_millis(3000)).times(1),
+    );
+    let mut request = tonic::Request::new(ResolveSessionRequest {
+        credential: Some(Credential::SessionToken(session.token)),
+    });
+    request.set_timeout(Duration::from_millis(1000));
+    let err = env.client().resolve_session(request).await.unwrap_err();
+    assert_code(&err, tonic::Code::DeadlineExceeded);
+}
