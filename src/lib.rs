@@ -15,6 +15,7 @@ pub mod grpc;
 mod http;
 pub mod ory;
 pub mod outbox;
+pub mod pending;
 pub mod proto;
 pub mod service;
 pub mod shutdown;

@@ -8,6 +8,7 @@
 pub mod migrate;
 mod models;
 mod outbox;
+mod pending;
 mod schema;
 mod users;
 

@@ -16,6 +16,14 @@ diesel::table! {
 }
 
 diesel::table! {
+    pending_users (id) {
+        id -> Uuid,
+        schema_id -> Text,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     user_external_ids (namespace, external_id) {
         namespace -> Text,
         external_id -> Text,
@@ -36,4 +44,4 @@ diesel::table! {
 
 diesel::joinable!(user_external_ids -> users (user_id));
 
-diesel::allow_tables_to_appear_in_same_query!(ory_outbox, user_external_ids, users,);
+diesel::allow_tables_to_appear_in_same_query!(ory_outbox, pending_users, user_external_ids, users,);

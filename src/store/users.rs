@@ -3,7 +3,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 use super::models::{NewExternalIdRow, NewUserRow, UserRow};
 use super::outbox::{self, OutboxKind};
-use super::schema::{user_external_ids, users};
+use super::schema::{pending_users, user_external_ids, users};
 use super::{Store, StoreError};
 use crate::domain::{ExternalId, IdentityId, LinkOutcome, LinkRequest, User, UserId};
 
@@ -96,8 +96,34 @@ impl Store {
         Ok(row.map(|(user, ext)| user.into_domain(ext)))
     }
 
-    /// Links an identity to a user in one transaction: creates or reuses the user, sets the external
-    /// id, and queues the Ory `metadata_public.id` write in the outbox unless `ory_has` (the id Ory
+    /// Sets the stored schema id of the identity's user, if it has one and it differs. Returns the
+    /// user as stored afterwards and whether this call changed it; `None` if no user is linked.
+    pub async fn update_schema_id(
+        &self,
+        identity: IdentityId,
+        schema_id: &str,
+    ) -> Result<Option<(User, bool)>, StoreError> {
+        let mut conn = self.conn().await?;
+        let changed = diesel::update(
+            users::table
+                .filter(users::ory_identity_id.eq(identity.as_uuid()))
+                .filter(users::schema_id.ne(schema_id)),
+        )
+        .set((
+            users::schema_id.eq(schema_id),
+            users::updated_at.eq(diesel::dsl::now),
+        ))
+        .execute(&mut conn)
+        .await
+        .map_err(StoreError::classify)?;
+        let user = find_by_identity(&mut conn, identity)
+            .await
+            .map_err(StoreError::classify)?;
+        Ok(user.map(|u| (u, changed > 0)))
+    }
+
+    /// Links an identity to a user in one transaction: creates or reuses the user (claiming it when
+    /// the pre-persist hook left it pending), sets the external id, and queues the Ory `metadata_public.id` write in the outbox unless `ory_has` (the id Ory
     /// records now) already names the user.
     ///
     /// Uniqueness is left to PostgreSQL's constraints (`INSERT .. ON CONFLICT DO NOTHING` waits for a
@@ -228,6 +254,11 @@ async fn link_in_tx(
                     _ => Err(TxError::LostRace),
                 };
             }
+            // Claims the user if the pre-persist hook minted it: from now on it is an ordinary
+            // user, and the sweep must not see it as an abandoned reservation.
+            diesel::delete(pending_users::table.find(user_id.as_uuid()))
+                .execute(conn)
+                .await?;
             if let Some(external_id) = &request.external_id {
                 insert_external_id(conn, user_id, external_id).await?;
             }
