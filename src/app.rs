@@ -14,6 +14,7 @@ use crate::config::{Config, ENV_DATABASE_URL};
 use crate::grpc::IdentityApi;
 use crate::ory::KratosClient;
 use crate::outbox::OutboxWorker;
+use crate::pending::PendingSweeper;
 use crate::proto::{self, api::identity_service_server::IdentityServiceServer};
 use crate::service::IdentityMapper;
 use crate::store::{Store, migrate};
@@ -106,10 +107,16 @@ impl App {
             .run(stop.child_token()),
         );
 
+        let sweeper = tokio::spawn(
+            PendingSweeper::new(self.store.clone(), self.config.pending_users.clone())
+                .run(stop.child_token()),
+        );
+
         let draining = CancellationToken::new();
         let http_task = tokio::spawn(crate::http::serve(
             http,
             self.store.clone(),
+            crate::hooks::router(self.mapper.clone(), &self.config.hooks),
             draining.clone(),
         ));
 
@@ -151,6 +158,9 @@ impl App {
         stop.cancel();
         if let Err(e) = worker.await {
             tracing::error!(error = %e, "the outbox worker panicked");
+        }
+        if let Err(e) = sweeper.await {
+            tracing::error!(error = %e, "the pending-user sweep panicked");
         }
         draining.cancel();
         match http_task.await {

@@ -5,12 +5,15 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use axum::http::HeaderName;
 use clap::Args;
 use secrecy::SecretString;
 use url::Url;
 
+use crate::hooks::HookSettings;
 use crate::ory::OryConfig;
 use crate::outbox::OutboxSettings;
+use crate::pending::PendingSettings;
 use crate::service::ServiceSettings;
 use crate::store::PoolOptions;
 
@@ -18,6 +21,12 @@ pub const ENV_DATABASE_URL: &str = "DATABASE_URL";
 pub const ENV_ORY_PUBLIC_URL: &str = "ORY_PUBLIC_URL";
 pub const ENV_ORY_ADMIN_URL: &str = "ORY_ADMIN_URL";
 pub const ENV_ORY_API_KEY: &str = "ORY_API_KEY";
+pub const ENV_WEBHOOK_SECRET: &str = "IDMAP_WEBHOOK_SECRET";
+pub const ENV_WEBHOOK_HEADER: &str = "IDMAP_WEBHOOK_HEADER";
+pub const ENV_PENDING_USER_TTL: &str = "IDMAP_PENDING_USER_TTL";
+
+/// The shortest webhook secret accepted: anything shorter could be guessed.
+pub const MIN_WEBHOOK_SECRET_BYTES: usize = 16;
 
 pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:50051";
 pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:8080";
@@ -73,6 +82,25 @@ fn parse_secret(value: &str) -> Result<SecretString, String> {
         return Err("must not be empty when set".into());
     }
     Ok(SecretString::from(value.trim().to_owned()))
+}
+
+/// A webhook secret: Ory sends it as a header value (or a basic-auth password), so it must be one.
+fn parse_webhook_secret(value: &str) -> Result<SecretString, String> {
+    let value = value.trim();
+    if value.len() < MIN_WEBHOOK_SECRET_BYTES {
+        return Err(format!(
+            "must be at least {MIN_WEBHOOK_SECRET_BYTES} characters (e.g. `openssl rand -hex 32`)"
+        ));
+    }
+    if !value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err("must be printable ASCII, since it travels in an HTTP header".into());
+    }
+    Ok(SecretString::from(value.to_owned()))
+}
+
+fn parse_header_name(value: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(value.trim().as_bytes())
+        .map_err(|_| "must be an HTTP header name, such as Authorization or X-Idmap-Secret".into())
 }
 
 fn parse_cookie_name(value: &str) -> Result<String, String> {
@@ -170,6 +198,21 @@ pub struct CommonArgs {
     /// On SIGTERM/SIGINT, how long in-flight calls may take to finish before the process exits anyway.
     #[arg(long, env = "IDMAP_SHUTDOWN_GRACE", value_name = "IDMAP_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Shared secret Ory's webhooks must present (Ory Actions `auth`: `api_key` or `basic_auth`).
+    /// Unset: the /hooks/ory/* endpoints refuse every request.
+    #[arg(long, env = ENV_WEBHOOK_SECRET, value_name = ENV_WEBHOOK_SECRET, hide_env_values = true, value_parser = parse_webhook_secret)]
+    pub webhook_secret: Option<SecretString>,
+
+    /// Header whose whole value must be IDMAP_WEBHOOK_SECRET (Ory `api_key` auth `name`). Basic
+    /// auth with the secret as password is accepted as well.
+    #[arg(long, env = ENV_WEBHOOK_HEADER, value_name = ENV_WEBHOOK_HEADER, default_value = crate::hooks::DEFAULT_HEADER, value_parser = parse_header_name)]
+    pub webhook_header: HeaderName,
+
+    /// How long a user id minted by the pre-persist registration hook waits for its identity to be
+    /// linked before the sweep removes it.
+    #[arg(long, env = ENV_PENDING_USER_TTL, value_name = ENV_PENDING_USER_TTL, default_value = "1h", value_parser = parse_positive_duration)]
+    pub pending_user_ttl: Duration,
 }
 
 /// The validated configuration the server runs with.
@@ -183,6 +226,8 @@ pub struct Config {
     pub pool: PoolOptions,
     pub outbox: OutboxSettings,
     pub shutdown_grace: Duration,
+    pub hooks: HookSettings,
+    pub pending_users: PendingSettings,
 }
 
 impl Config {
@@ -224,6 +269,11 @@ impl Config {
                 ..OutboxSettings::default()
             },
             shutdown_grace: common.shutdown_grace,
+            hooks: HookSettings {
+                secret: common.webhook_secret,
+                header: common.webhook_header,
+            },
+            pending_users: PendingSettings::with_ttl(common.pending_user_ttl),
         })
     }
 
@@ -261,5 +311,14 @@ mod tests {
         assert!(parse_cookie_name("ory_kratos_session").is_ok());
         assert!(parse_cookie_name("bad name").is_err());
         assert!(parse_pool_size("0").is_err());
+    }
+
+    #[test]
+    fn webhook_settings_are_checked() {
+        assert!(parse_header_name("X-Idmap-Secret").is_ok());
+        assert!(parse_header_name("bad header").is_err());
+        assert!(parse_webhook_secret("0123456789abcdef").is_ok());
+        assert!(parse_webhook_secret("short").is_err());
+        assert!(parse_webhook_secret("0123456789abcdef\u{7}").is_err());
     }
 }

@@ -1,5 +1,5 @@
 //! The HTTP listener on IDMAP_HTTP_ADDR: liveness and readiness for orchestrators that probe over
-//! HTTP rather than gRPC health.
+//! HTTP rather than gRPC health, and the Ory webhooks (`hooks/`).
 
 use axum::Router;
 use axum::extract::State;
@@ -16,10 +16,11 @@ struct HttpState {
     draining: CancellationToken,
 }
 
-/// Serves until `draining` is cancelled.
+/// Serves the probes and `routes` until `draining` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     store: Store,
+    routes: Router,
     draining: CancellationToken,
 ) -> std::io::Result<()> {
     let state = HttpState {
@@ -29,7 +30,8 @@ pub async fn serve(
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(state);
+        .with_state(state)
+        .merge(routes);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { draining.cancelled().await })
         .await

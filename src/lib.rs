@@ -12,6 +12,7 @@ pub mod dev;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod hooks;
 mod http;
 pub mod ory;
 pub mod outbox;

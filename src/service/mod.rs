@@ -3,6 +3,7 @@
 
 mod link;
 mod lookup;
+mod registration;
 mod resolve;
 
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use tokio::sync::Notify;
 use crate::ory::KratosClient;
 use crate::store::Store;
 
+pub use registration::Reservation;
 pub use resolve::Resolved;
 
 /// Behaviour switches for the use cases.

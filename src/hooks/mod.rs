@@ -1,0 +1,77 @@
+//! Ory Actions webhooks (`hook: web_hook`) on the HTTP listener: the pre- and post-persist
+//! registration hooks and the after-settings hook (../shared/ory/CONTRACT.md c; `deploy/ory/` has the
+//! Kratos configuration). Handlers validate, convert and call the service; `error.rs` is the one
+//! place failures become HTTP answers. Nothing here calls Ory: Kratos is waiting on the answer, inside
+//! someone's registration.
+
+mod auth;
+mod dto;
+mod error;
+mod handlers;
+
+use std::fmt;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::HeaderName;
+use axum::routing::post;
+use secrecy::SecretString;
+
+use crate::service::IdentityMapper;
+
+pub use auth::WebhookAuth;
+pub use error::{HookError, message_id, messages_body};
+
+/// The largest webhook body accepted. A Kratos identity is a few KiB; the limit only stops abuse.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// The header Ory's `api_key` auth sends the secret in unless configured otherwise.
+pub const DEFAULT_HEADER: &str = "Authorization";
+
+/// How webhook requests authenticate.
+#[derive(Clone)]
+pub struct HookSettings {
+    /// The shared secret; `None` disables the endpoints (every request is refused).
+    pub secret: Option<SecretString>,
+    /// The header that carries the secret as its whole value (Ory `api_key` auth, `in: header`).
+    pub header: HeaderName,
+}
+
+impl fmt::Debug for HookSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HookSettings")
+            .field("secret", &self.secret.as_ref().map(|_| "[REDACTED]"))
+            .field("header", &self.header)
+            .finish()
+    }
+}
+
+#[derive(Clone)]
+struct HookState {
+    mapper: Arc<IdentityMapper>,
+    auth: Arc<WebhookAuth>,
+}
+
+/// The webhook routes, ready to merge into the HTTP listener's router.
+pub fn router(mapper: Arc<IdentityMapper>, settings: &HookSettings) -> Router {
+    let auth = WebhookAuth::new(settings.secret.as_ref(), settings.header.clone());
+    if !auth.enabled() {
+        tracing::warn!(
+            "IDMAP_WEBHOOK_SECRET is not set: the Ory webhook endpoints (/hooks/ory/*) refuse every \
+             request with 401 until it is, since an unauthenticated hook would let anyone create users"
+        );
+    }
+    Router::new()
+        .route("/hooks/ory/registration", post(handlers::registration))
+        .route(
+            "/hooks/ory/registration/pre-persist",
+            post(handlers::registration_pre_persist),
+        )
+        .route("/hooks/ory/settings", post(handlers::settings))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(HookState {
+            mapper,
+            auth: Arc::new(auth),
+        })
+}
