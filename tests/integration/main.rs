@@ -7,6 +7,7 @@
 mod common;
 
 mod binary;
+mod hooks;
 mod link;
 mod lookup;
 mod outbox;
