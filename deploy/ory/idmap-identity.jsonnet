@@ -1,0 +1,1 @@
+function(ctx) { identity: ctx.identity }
