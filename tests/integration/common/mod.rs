@@ -82,7 +82,14 @@ impl TestServer {
         let task = tokio::spawn(app.serve(grpc, http, async move {
             let _ = rx.await;
         }));
-        let client = IdentityServiceClient::new(channel(addr).await);
+        let channel = channel(addr).await;
+        // Wait until idmap serves (it first waits for its invalidation listener): one health check
+        // sits in the listen backlog until then, so no polling is needed.
+        tonic_health::pb::health_client::HealthClient::new(channel.clone())
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .expect("idmap becomes healthy");
+        let client = IdentityServiceClient::new(channel);
         TestServer {
             addr,
             http_addr,
