@@ -10,6 +10,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
+use crate::cache::Caches;
 use crate::config::{Config, ENV_DATABASE_URL};
 use crate::grpc::IdentityApi;
 use crate::ory::KratosClient;
@@ -18,6 +19,9 @@ use crate::pending::PendingSweeper;
 use crate::proto::{self, api::identity_service_server::IdentityServiceServer};
 use crate::service::IdentityMapper;
 use crate::store::{Store, migrate};
+
+/// How long start-up waits for the invalidation listener's first LISTEN.
+const LISTEN_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The name health checks use for the business service.
 pub const SERVICE_NAME: &str = "idmap.v1.IdentityService";
@@ -51,10 +55,12 @@ impl App {
         }
         let ory = KratosClient::new(config.ory.clone()).context("cannot build the Ory client")?;
         let outbox_wakeup = Arc::new(Notify::new());
+        let caches = Arc::new(Caches::new(config.cache.clone()));
         let mapper = Arc::new(IdentityMapper::new(
             store.clone(),
             ory.clone(),
             config.service.clone(),
+            caches,
             outbox_wakeup.clone(),
         ));
         Ok(Self {
@@ -97,6 +103,18 @@ impl App {
             .context("building the reflection service")?;
 
         let stop = CancellationToken::new();
+        // Serve only once other replicas' evictions reach us; until then we could serve what they
+        // have evicted.
+        let (listening_tx, mut listening) = tokio::sync::watch::channel(false);
+        let listener = tokio::spawn(self.mapper.invalidator().clone().listen(
+            self.config.database_url.clone(),
+            listening_tx,
+            stop.child_token(),
+        ));
+        tokio::time::timeout(LISTEN_READY_TIMEOUT, listening.wait_for(|ready| *ready))
+            .await
+            .context("the invalidation listener could not LISTEN in time")?
+            .context("the invalidation listener stopped")?;
         let worker = tokio::spawn(
             OutboxWorker::new(
                 self.store.clone(),
@@ -156,19 +174,25 @@ impl App {
         };
 
         stop.cancel();
-        if let Err(e) = worker.await {
-            tracing::error!(error = %e, "the outbox worker panicked");
-        }
-        if let Err(e) = sweeper.await {
-            tracing::error!(error = %e, "the pending-user sweep panicked");
-        }
+        report_task("the outbox worker", worker.await);
+        report_task("the invalidation listener", listener.await);
+        report_task("the pending-user sweep", sweeper.await);
         draining.cancel();
         match http_task.await {
             Ok(Err(e)) => tracing::error!(error = %e, "the HTTP server failed"),
-            Err(e) => tracing::error!(error = %e, "the HTTP server panicked"),
-            Ok(Ok(())) => {}
+            other => report_task("the HTTP server", other.map(|_| ())),
         }
         tracing::info!("stopped");
         result
+    }
+}
+
+/// Logs a background task that ended abnormally. A task cancelled because the runtime is going away
+/// (a test ending) is not a failure.
+fn report_task(name: &str, result: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = result
+        && e.is_panic()
+    {
+        tracing::error!(error = %e, "{name} panicked");
     }
 }

@@ -3,6 +3,7 @@
 //! the setting.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use axum::http::HeaderName;
@@ -10,6 +11,7 @@ use clap::Args;
 use secrecy::SecretString;
 use url::Url;
 
+use crate::cache::CacheSettings;
 use crate::hooks::HookSettings;
 use crate::ory::OryConfig;
 use crate::outbox::OutboxSettings;
@@ -115,6 +117,13 @@ fn parse_cookie_name(value: &str) -> Result<String, String> {
     }
 }
 
+fn parse_cache_size(value: &str) -> Result<u64, String> {
+    match value.trim().parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("must be a whole number of at least 1".into()),
+    }
+}
+
 fn parse_pool_size(value: &str) -> Result<usize, String> {
     match value.trim().parse::<usize>() {
         Ok(n) if (1..=1000).contains(&n) => Ok(n),
@@ -195,6 +204,51 @@ pub struct CommonArgs {
     #[arg(long, env = "IDMAP_OUTBOX_RETRY_MAX", value_name = "IDMAP_OUTBOX_RETRY_MAX", default_value = "5m", value_parser = parse_positive_duration)]
     pub outbox_retry_max: Duration,
 
+    /// Longest a validated session is answered from memory (also capped by the session's expiry and
+    /// Ory's `Ory-Session-Cache-For`). `0s` turns the session cache off.
+    #[arg(long, env = "IDMAP_SESSION_CACHE_TTL", value_name = "IDMAP_SESSION_CACHE_TTL", default_value = "60s", value_parser = parse_duration)]
+    pub session_cache_ttl: Duration,
+
+    /// Most sessions kept in memory (about 2 KiB each; see BENCHMARKS.md).
+    #[arg(long, env = "IDMAP_SESSION_CACHE_MAX_ENTRIES", value_name = "IDMAP_SESSION_CACHE_MAX_ENTRIES", default_value = "100000", value_parser = parse_cache_size)]
+    pub session_cache_max_entries: u64,
+
+    /// How long Ory's refusal of a credential (401) is remembered, so floods of bad tokens stay off Ory.
+    #[arg(long, env = "IDMAP_NEGATIVE_CACHE_TTL", value_name = "IDMAP_NEGATIVE_CACHE_TTL", default_value = "5s", value_parser = parse_duration)]
+    pub negative_cache_ttl: Duration,
+
+    /// When set, a cached session may be served this long past its TTL while Ory answers 429/5xx or
+    /// times out (never past the session's expiry). Off by default.
+    #[arg(long, env = "IDMAP_STALE_IF_ERROR", value_name = "IDMAP_STALE_IF_ERROR", value_parser = parse_positive_duration)]
+    pub stale_if_error: Option<Duration>,
+
+    /// Longest a user record is answered from memory; every write evicts it on all replicas sooner.
+    #[arg(long, env = "IDMAP_USER_CACHE_TTL", value_name = "IDMAP_USER_CACHE_TTL", default_value = "5m", value_parser = parse_duration)]
+    pub user_cache_ttl: Duration,
+
+    /// Most users kept in memory.
+    #[arg(long, env = "IDMAP_USER_CACHE_MAX_ENTRIES", value_name = "IDMAP_USER_CACHE_MAX_ENTRIES", default_value = "100000", value_parser = parse_cache_size)]
+    pub user_cache_max_entries: u64,
+
+    /// Most whoami calls per second idmap makes to Ory (0: no limit). Set it below your Ory plan's
+    /// limit; calls over it wait up to IDMAP_ORY_TIMEOUT, then fail with UNAVAILABLE.
+    #[arg(
+        long,
+        env = "IDMAP_ORY_WHOAMI_RPS",
+        value_name = "IDMAP_ORY_WHOAMI_RPS",
+        default_value = "100"
+    )]
+    pub ory_whoami_rps: u32,
+
+    /// Most admin API calls per second idmap makes to Ory (0: no limit).
+    #[arg(
+        long,
+        env = "IDMAP_ORY_ADMIN_RPS",
+        value_name = "IDMAP_ORY_ADMIN_RPS",
+        default_value = "50"
+    )]
+    pub ory_admin_rps: u32,
+
     /// On SIGTERM/SIGINT, how long in-flight calls may take to finish before the process exits anyway.
     #[arg(long, env = "IDMAP_SHUTDOWN_GRACE", value_name = "IDMAP_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -225,6 +279,7 @@ pub struct Config {
     pub service: ServiceSettings,
     pub pool: PoolOptions,
     pub outbox: OutboxSettings,
+    pub cache: CacheSettings,
     pub shutdown_grace: Duration,
     pub hooks: HookSettings,
     pub pending_users: PendingSettings,
@@ -251,6 +306,8 @@ impl Config {
                 admin_url,
                 api_key: common.ory_api_key,
                 timeout: common.ory_timeout,
+                whoami_rps: NonZeroU32::new(common.ory_whoami_rps),
+                admin_rps: NonZeroU32::new(common.ory_admin_rps),
             },
             grpc_addr: common.grpc_addr,
             http_addr: common.http_addr,
@@ -267,6 +324,14 @@ impl Config {
                 retry_min: common.outbox_retry_min,
                 retry_max: common.outbox_retry_max,
                 ..OutboxSettings::default()
+            },
+            cache: CacheSettings {
+                session_ttl: common.session_cache_ttl,
+                session_max_entries: common.session_cache_max_entries,
+                negative_ttl: common.negative_cache_ttl,
+                stale_if_error: common.stale_if_error,
+                user_ttl: common.user_cache_ttl,
+                user_max_entries: common.user_cache_max_entries,
             },
             shutdown_grace: common.shutdown_grace,
             hooks: HookSettings {

@@ -6,6 +6,7 @@
 //! through the outbox (`outbox.rs`).
 
 pub mod app;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod dev;
@@ -14,6 +15,7 @@ pub mod error;
 pub mod grpc;
 pub mod hooks;
 mod http;
+pub mod invalidation;
 pub mod ory;
 pub mod outbox;
 pub mod pending;

@@ -9,7 +9,7 @@ pub const MAX_EXTERNAL_ID_BYTES: usize = 255;
 
 /// Parses a UUID in its canonical hyphenated form only: ids travel between services as text, and
 /// accepting several spellings of one id would let two strings name the same record.
-fn parse_uuid(field: &'static str, value: &str) -> Result<Uuid, FieldViolation> {
+pub fn parse_uuid(field: &'static str, value: &str) -> Result<Uuid, FieldViolation> {
     if value.is_empty() {
         return Err(FieldViolation::new(field, "is required"));
     }

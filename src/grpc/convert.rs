@@ -43,8 +43,8 @@ fn json_object(value: Value) -> Option<Struct> {
     }
 }
 
-impl From<User> for api::User {
-    fn from(user: User) -> Self {
+impl From<&User> for api::User {
+    fn from(user: &User) -> Self {
         let User {
             id,
             ory_identity_id,
@@ -57,11 +57,12 @@ impl From<User> for api::User {
             id: id.to_string(),
             ory_identity_id: ory_identity_id.to_string(),
             external_id: external_id
+                .as_ref()
                 .map(|e| e.as_str().to_owned())
                 .unwrap_or_default(),
-            schema_id,
-            created_at: Some(timestamp(created_at)),
-            updated_at: Some(timestamp(updated_at)),
+            schema_id: schema_id.clone(),
+            created_at: Some(timestamp(*created_at)),
+            updated_at: Some(timestamp(*updated_at)),
         }
     }
 }
@@ -127,6 +128,35 @@ impl From<Identity> for api::Identity {
             created_at: created_at.map(timestamp),
             updated_at: updated_at.map(timestamp),
         }
+    }
+}
+
+/// Parses BatchGetUsers's ids, naming each bad one by its index.
+pub fn batch_ids(ids: &[String]) -> Result<Vec<IdentityId>, crate::error::Error> {
+    use crate::domain::FieldViolation;
+    use crate::service::MAX_BATCH_IDS;
+    if ids.len() > MAX_BATCH_IDS {
+        return Err(FieldViolation {
+            field: "ory_identity_ids".into(),
+            description: format!("at most {MAX_BATCH_IDS} ids per call, got {}", ids.len()),
+        }
+        .into());
+    }
+    let mut parsed = Vec::with_capacity(ids.len());
+    let mut violations = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        match IdentityId::parse("ory_identity_ids", id) {
+            Ok(id) => parsed.push(id),
+            Err(v) => violations.push(FieldViolation {
+                field: format!("ory_identity_ids[{i}]").into(),
+                description: v.description,
+            }),
+        }
+    }
+    if violations.is_empty() {
+        Ok(parsed)
+    } else {
+        Err(crate::error::Error::InvalidArgument(violations))
     }
 }
 
@@ -197,7 +227,7 @@ mod tests {
         let crate::error::Error::InvalidArgument(v) = err else {
             panic!("wrong error")
         };
-        let fields: Vec<_> = v.iter().map(|v| v.field).collect();
+        let fields: Vec<_> = v.iter().map(|v| v.field.clone()).collect();
         assert_eq!(fields, ["ory_identity_id", "user_id", "external_id"]);
     }
 }

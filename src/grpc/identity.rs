@@ -4,11 +4,12 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::convert;
 use super::{deadline, status::to_status};
 use crate::domain::{Credential, ExternalId, FieldViolation, IdentityId, LinkRequest};
 use crate::error::Error;
 use crate::proto::api::{self, identity_service_server::IdentityService};
-use crate::service::IdentityMapper;
+use crate::service::{IdentityMapper, InvalidateTarget};
 
 /// The gRPC face of [`IdentityMapper`].
 #[derive(Clone)]
@@ -40,7 +41,7 @@ impl IdentityService for IdentityApi {
                 }
                 None => {
                     return Err(Error::from(FieldViolation {
-                        field: "credential",
+                        field: "credential".into(),
                         description: "set session_token or cookie".into(),
                     }));
                 }
@@ -51,7 +52,7 @@ impl IdentityService for IdentityApi {
         Ok(Response::new(api::ResolveSessionResponse {
             session: Some(resolved.session.into()),
             identity: Some(resolved.identity.into()),
-            user: resolved.user.map(Into::into),
+            user: resolved.user.as_deref().map(Into::into),
         }))
     }
 
@@ -67,7 +68,7 @@ impl IdentityService for IdentityApi {
         };
         let user = deadline::within(&metadata, work).await.map_err(to_status)?;
         Ok(Response::new(api::GetUserByOryIdResponse {
-            user: Some(user.into()),
+            user: Some(user.as_ref().into()),
         }))
     }
 
@@ -83,7 +84,7 @@ impl IdentityService for IdentityApi {
         };
         let user = deadline::within(&metadata, work).await.map_err(to_status)?;
         Ok(Response::new(api::GetByExternalIdResponse {
-            user: Some(user.into()),
+            user: Some(user.as_ref().into()),
         }))
     }
 
@@ -98,8 +99,57 @@ impl IdentityService for IdentityApi {
         };
         let outcome = deadline::within(&metadata, work).await.map_err(to_status)?;
         Ok(Response::new(api::LinkIdentityResponse {
-            user: Some(outcome.user.into()),
+            user: Some((&outcome.user).into()),
             created: outcome.created,
         }))
+    }
+
+    async fn batch_get_users(
+        &self,
+        request: Request<api::BatchGetUsersRequest>,
+    ) -> Result<Response<api::BatchGetUsersResponse>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        let api::BatchGetUsersRequest { ory_identity_ids } = message;
+        let work = async {
+            let ids = convert::batch_ids(&ory_identity_ids)?;
+            self.mapper.users_by_identities(&ids).await
+        };
+        let users = deadline::within(&metadata, work).await.map_err(to_status)?;
+        Ok(Response::new(api::BatchGetUsersResponse {
+            users: users.iter().map(|u| u.as_ref().into()).collect(),
+        }))
+    }
+
+    async fn invalidate_session(
+        &self,
+        request: Request<api::InvalidateSessionRequest>,
+    ) -> Result<Response<api::InvalidateSessionResponse>, Status> {
+        use api::invalidate_session_request::Target;
+        let (metadata, _, message) = request.into_parts();
+        let api::InvalidateSessionRequest { target } = message;
+        let work = async {
+            let target = match target {
+                Some(Target::SessionToken(token)) => InvalidateTarget::Credential(
+                    Credential::session_token("session_token", &token)?,
+                ),
+                Some(Target::SessionId(id)) => {
+                    // Ory session ids are UUIDs; the canonical text is what cached sessions hold.
+                    let id = crate::domain::parse_uuid("session_id", &id)?;
+                    InvalidateTarget::SessionId(id.hyphenated().to_string())
+                }
+                Some(Target::OryIdentityId(id)) => {
+                    InvalidateTarget::Identity(IdentityId::parse("ory_identity_id", &id)?)
+                }
+                None => {
+                    return Err(Error::from(FieldViolation {
+                        field: "target".into(),
+                        description: "set session_token, session_id or ory_identity_id".into(),
+                    }));
+                }
+            };
+            self.mapper.invalidate(target).await
+        };
+        deadline::within(&metadata, work).await.map_err(to_status)?;
+        Ok(Response::new(api::InvalidateSessionResponse {}))
     }
 }

@@ -1,7 +1,7 @@
 //! The gRPC adapter: validates requests, converts protobuf to domain types, calls the service, and
 //! converts back. No SQL or HTTP here.
 
-mod convert;
+pub(crate) mod convert;
 mod deadline;
 mod identity;
 mod status;

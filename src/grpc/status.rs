@@ -23,7 +23,7 @@ pub fn to_status(error: Error) -> Status {
             let message = error_message(&violations);
             let mut details = info(reason::INVALID_ARGUMENT, HashMap::new());
             for v in &violations {
-                details.add_bad_request_violation(v.field, v.description.clone());
+                details.add_bad_request_violation(v.field.clone(), v.description.clone());
             }
             Status::with_error_details(Code::InvalidArgument, message, details)
         }

@@ -7,7 +7,10 @@
 
 mod dto;
 mod error;
+mod limit;
 
+use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::{Method, RequestBuilder, Response, StatusCode, header};
@@ -16,6 +19,7 @@ use serde_json::{Value, json};
 use url::Url;
 
 pub use error::OryError;
+pub use limit::OryLimiter;
 
 use crate::domain::{
     Credential, CredentialKind, Identity, IdentityId, SessionWithIdentity, UserId,
@@ -36,6 +40,18 @@ pub struct OryConfig {
     pub api_key: Option<SecretString>,
     /// Upper bound on one Ory call, connect to last byte.
     pub timeout: Duration,
+    /// Most whoami calls per second (`None`: unlimited).
+    pub whoami_rps: Option<NonZeroU32>,
+    /// Most admin API calls per second (`None`: unlimited).
+    pub admin_rps: Option<NonZeroU32>,
+}
+
+/// Whoami's answer, with Ory's caching hint.
+#[derive(Debug, Clone)]
+pub struct Whoami {
+    pub session: SessionWithIdentity,
+    /// `Ory-Session-Cache-For`: how long Ory says the answer may be cached.
+    pub cache_for: Option<Duration>,
 }
 
 /// What writing the internal user id to `metadata_public.id` did.
@@ -57,6 +73,8 @@ pub struct KratosClient {
     public_url: Url,
     admin_url: Url,
     api_key: Option<SecretString>,
+    whoami_limit: Arc<OryLimiter>,
+    admin_limit: Arc<OryLimiter>,
 }
 
 impl KratosClient {
@@ -74,12 +92,15 @@ impl KratosClient {
             public_url: with_trailing_slash(config.public_url),
             admin_url: with_trailing_slash(config.admin_url),
             api_key: config.api_key,
+            // A call waits for its turn no longer than it may take itself.
+            whoami_limit: Arc::new(OryLimiter::new(config.whoami_rps, config.timeout)),
+            admin_limit: Arc::new(OryLimiter::new(config.admin_rps, config.timeout)),
         })
     }
 
     /// Validates a session with `GET /sessions/whoami`.
     #[tracing::instrument(name = "ory.whoami", skip_all, fields(kind = ?credential.kind()))]
-    pub async fn whoami(&self, credential: &Credential) -> Result<SessionWithIdentity, OryError> {
+    pub async fn whoami(&self, credential: &Credential) -> Result<Whoami, OryError> {
         let url = join(&self.public_url, "sessions/whoami")?;
         let mut request = self
             .http
@@ -89,11 +110,15 @@ impl KratosClient {
             CredentialKind::SessionToken => request.header("X-Session-Token", credential.expose()),
             CredentialKind::Cookie => request.header(header::COOKIE, credential.expose()),
         };
-        let response = send(request).await?;
+        let response = send(&self.whoami_limit, request).await?;
         match response.status() {
             StatusCode::OK => {
+                let cache_for = header_str(&response, "ory-session-cache-for")
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
                 let dto: SessionDto = read_json(response).await?;
-                dto.into_domain().map_err(OryError::Protocol)
+                let session = dto.into_domain().map_err(OryError::Protocol)?;
+                Ok(Whoami { session, cache_for })
             }
             StatusCode::UNAUTHORIZED => Err(OryError::Unauthenticated),
             StatusCode::FORBIDDEN => {
@@ -121,7 +146,7 @@ impl KratosClient {
     #[tracing::instrument(name = "ory.get_identity", skip_all, fields(identity = %id))]
     pub async fn get_identity(&self, id: IdentityId) -> Result<Identity, OryError> {
         let url = join(&self.admin_url, &format!("admin/identities/{id}"))?;
-        let response = send(self.admin(Method::GET, url)).await?;
+        let response = send(&self.admin_limit, self.admin(Method::GET, url)).await?;
         match response.status() {
             StatusCode::OK => {
                 let dto: IdentityDto = read_json(response).await?;
@@ -161,7 +186,11 @@ impl KratosClient {
             _ => return Ok(MetadataWrite::NotAnObject),
         };
         let url = join(&self.admin_url, &format!("admin/identities/{id}"))?;
-        let response = send(self.admin(Method::PATCH, url).json(&[op])).await?;
+        let response = send(
+            &self.admin_limit,
+            self.admin(Method::PATCH, url).json(&[op]),
+        )
+        .await?;
         match response.status() {
             StatusCode::OK => Ok(MetadataWrite::Written),
             StatusCode::NOT_FOUND => Err(OryError::NotFound),
@@ -195,7 +224,9 @@ fn join(base: &Url, path: &str) -> Result<Url, OryError> {
         .map_err(|e| OryError::Protocol(format!("cannot build the Ory URL: {e}")))
 }
 
-async fn send(request: RequestBuilder) -> Result<Response, OryError> {
+/// Sends a request once the limiter allows, and feeds Ory's rate-limit signals back into it.
+async fn send(limiter: &OryLimiter, request: RequestBuilder) -> Result<Response, OryError> {
+    limiter.acquire().await?;
     let started = tokio::time::Instant::now();
     let result = request.send().await;
     match result {
@@ -205,6 +236,14 @@ async fn send(request: RequestBuilder) -> Result<Response, OryError> {
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "ory answered"
             );
+            if response.status() == StatusCode::TOO_MANY_REQUESTS {
+                // Without a hint, pause briefly rather than hammer a limit we cannot see.
+                limiter.back_off(retry_after(&response).unwrap_or(Duration::from_secs(1)));
+            } else if header_str(&response, "x-ratelimit-remaining").as_deref() == Some("0")
+                && let Some(reset) = ratelimit_reset(&response)
+            {
+                limiter.back_off(reset);
+            }
             Ok(response)
         }
         // Never format the request itself: its headers hold the credential.
@@ -253,6 +292,11 @@ fn retry_after(response: &Response) -> Option<Duration> {
             return Some(Duration::from_secs(secs as u64));
         }
     }
+    ratelimit_reset(response)
+}
+
+/// Ory Network's `x-ratelimit-reset`, in seconds from now.
+fn ratelimit_reset(response: &Response) -> Option<Duration> {
     header_str(response, "x-ratelimit-reset")
         .and_then(|v| v.trim().parse::<u64>().ok())
         // Some gateways send an epoch timestamp here instead of a delay; ignore values that cannot be

@@ -61,6 +61,7 @@ impl IdentityMapper {
                 if ory_has != Some(outcome.user.id.to_string().as_str()) {
                     self.outbox_wakeup.notify_one();
                 }
+                self.user_written(&outcome.user).await;
                 tracing::info!(
                     user = %outcome.user.id,
                     identity = %identity.id,

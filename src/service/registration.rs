@@ -105,6 +105,7 @@ impl IdentityMapper {
         };
         if changed {
             tracing::info!(identity = %identity.id, user = %user.id, schema = %user.schema_id, "user's schema id updated");
+            self.user_written(&user).await;
         }
         Ok(Some(user))
     }

@@ -1,6 +1,15 @@
+use std::sync::Arc;
+use std::time::Duration;
+
 use super::IdentityMapper;
-use crate::domain::{Credential, Identity, LinkRequest, Session, User};
+use crate::cache::{CachedSession, SessionEntry, SessionKey, session_ttl};
+use crate::domain::{Credential, Identity, LinkRequest, Session, SessionWithIdentity, User};
 use crate::error::Error;
+use crate::ory::OryError;
+
+/// Longest a stale session is served before Ory is asked again, so a recovering Ory sees at most one
+/// call per session per interval.
+const STALE_RECHECK: Duration = Duration::from_secs(1);
 
 /// ResolveSession's answer.
 #[derive(Debug, Clone)]
@@ -8,32 +17,85 @@ pub struct Resolved {
     pub session: Session,
     pub identity: Identity,
     /// `None` when the identity has no user and auto-linking is off.
-    pub user: Option<User>,
+    pub user: Option<Arc<User>>,
 }
 
 impl IdentityMapper {
-    /// Validates the session with Ory and finds (or, with auto-link on, creates) its user. Never
-    /// writes to Ory on this path: a new link's `metadata_public.id` goes through the outbox.
+    /// Validates the session (from the cache, else with Ory; concurrent misses for one credential
+    /// share one whoami call) and finds (or, with auto-link on, creates) its user. Never writes to Ory
+    /// on this path: a new link's `metadata_public.id` goes through the outbox.
     pub async fn resolve_session(&self, credential: &Credential) -> Result<Resolved, Error> {
-        let whoami = self.ory.whoami(credential).await?;
-        let identity = whoami.identity;
-        let user = match self.store.user_by_identity(identity.id).await? {
+        let key = credential.fingerprint();
+        let entry = if self.caches.settings().session_ttl.is_zero() {
+            self.fetch_session(key, credential).await?
+        } else {
+            let load = self.fetch_session(key, credential);
+            self.caches
+                .session(key, load)
+                .await
+                .map_err(|e| Error::from((*e).clone()))?
+                .as_ref()
+                .clone()
+        };
+        let whoami = match entry.value {
+            CachedSession::Valid(session) => session,
+            CachedSession::Invalid => return Err(OryError::Unauthenticated.into()),
+        };
+        let user = match self.cached_user(whoami.identity.id).await? {
             Some(user) => Some(user),
             None if self.settings.auto_link => {
                 let request = LinkRequest {
-                    ory_identity_id: identity.id,
+                    ory_identity_id: whoami.identity.id,
                     user_id: None,
                     external_id: None,
                 };
-                Some(self.link_seen_identity(request, &identity).await?.user)
+                let outcome = self.link_seen_identity(request, &whoami.identity).await?;
+                Some(Arc::new(outcome.user))
             }
             None => None,
         };
+        let SessionWithIdentity { session, identity } = Arc::unwrap_or_clone(whoami);
         Ok(Resolved {
-            session: whoami.session,
+            session,
             identity,
             user,
         })
+    }
+
+    /// Asks Ory, and decides how long its answer may be served.
+    async fn fetch_session(
+        &self,
+        key: SessionKey,
+        credential: &Credential,
+    ) -> Result<SessionEntry, OryError> {
+        let settings = self.caches.settings();
+        match self.ory.whoami(credential).await {
+            Ok(whoami) => {
+                let session = Arc::new(whoami.session);
+                let ttl = session_ttl(settings, &session, whoami.cache_for);
+                self.caches.keep_for_stale(key, &session, ttl).await;
+                Ok(SessionEntry {
+                    value: CachedSession::Valid(session),
+                    fresh_for: ttl,
+                })
+            }
+            // Remembered briefly, so a flood of bad tokens does not reach Ory.
+            Err(OryError::Unauthenticated) => Ok(SessionEntry {
+                value: CachedSession::Invalid,
+                fresh_for: settings.negative_ttl,
+            }),
+            Err(e) if e.is_transient() => match self.caches.stale_session(&key).await {
+                Some((session, usable_for)) => {
+                    tracing::warn!(error = %e, "Ory unavailable; serving a cached session past its TTL (stale-if-error)");
+                    Ok(SessionEntry {
+                        value: CachedSession::Valid(session),
+                        fresh_for: usable_for.min(STALE_RECHECK),
+                    })
+                }
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
     }
 
     /// Turns a raw Cookie header into a credential, keeping only Ory's session cookie.

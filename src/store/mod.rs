@@ -47,30 +47,28 @@ impl Default for PoolOptions {
     }
 }
 
-/// Errors from the store.
-#[derive(Debug, thiserror::Error)]
+/// Errors from the store. Cheap to clone, so one failed load can answer every caller waiting on it.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or is overloaded: retrying later can help.
     #[error("database unavailable: {0}")]
     Unavailable(String),
     /// A query failed for another reason (a bug, or a schema out of step with the code).
     #[error("database query failed: {0}")]
-    Query(#[from] DieselError),
+    Query(String),
 }
 
 impl StoreError {
     fn classify(error: DieselError) -> Self {
-        match &error {
-            DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, info) => {
-                Self::Unavailable(info.message().to_owned())
-            }
-            DieselError::DatabaseError(
-                DatabaseErrorKind::SerializationFailure | DatabaseErrorKind::Unknown,
-                info,
-            ) if is_transient_message(info.message()) => {
-                Self::Unavailable(info.message().to_owned())
-            }
-            _ => Self::Query(error),
+        if let DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, info) = &error {
+            return Self::Unavailable(info.message().to_owned());
+        }
+        // diesel-async reports a dropped connection in several shapes; the message is what they share.
+        let message = error.to_string();
+        if is_transient_message(&message) {
+            Self::Unavailable(message)
+        } else {
+            Self::Query(message)
         }
     }
 }
@@ -154,5 +152,21 @@ impl Store {
 
     async fn conn(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
         Ok(self.pool.get().await?)
+    }
+}
+
+impl Store {
+    /// Sends a NOTIFY on `channel`; listeners get it once this returns.
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<(), StoreError> {
+        use diesel::sql_types::Text;
+        use diesel_async::RunQueryDsl;
+        let mut conn = self.conn().await?;
+        diesel::sql_query("SELECT pg_notify($1, $2)")
+            .bind::<Text, _>(channel)
+            .bind::<Text, _>(payload)
+            .execute(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(StoreError::classify)
     }
 }

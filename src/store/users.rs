@@ -75,6 +75,24 @@ impl Store {
             .map_err(StoreError::classify)
     }
 
+    /// The users linked to any of `ids`, in one query.
+    pub async fn users_by_identities(&self, ids: &[IdentityId]) -> Result<Vec<User>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let uuids: Vec<uuid::Uuid> = ids.iter().map(IdentityId::as_uuid).collect();
+        let mut conn = self.conn().await?;
+        let rows: Vec<UserWithExternalId> = select_users!()
+            .filter(users::ory_identity_id.eq_any(uuids))
+            .load(&mut conn)
+            .await
+            .map_err(StoreError::classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|(user, ext)| user.into_domain(ext))
+            .collect())
+    }
+
     /// The user holding an external id.
     pub async fn user_by_external_id(
         &self,

@@ -1,0 +1,239 @@
+//! Cache evictions across replicas. Replicas share one PostgreSQL and hear each other through
+//! LISTEN/NOTIFY on one channel: no new infrastructure. An eviction is applied locally at once and
+//! announced; every replica keeps one dedicated listening connection, reconnects when it drops,
+//! and clears its caches after a reconnect, since it may have missed announcements meanwhile.
+//!
+//! Payloads name what to evict (a session-key hash, a session id, an identity id), never a secret.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::AsyncMessage;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::cache::{Caches, SessionKey};
+use crate::domain::IdentityId;
+use crate::store::{Store, StoreError};
+
+/// The NOTIFY channel.
+pub const CHANNEL: &str = "idmap_invalidate";
+
+/// Something to evict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Eviction {
+    /// One credential's cached answer.
+    SessionKey(SessionKey),
+    /// Every cached entry of one Ory session.
+    SessionId(String),
+    /// Every cached session of an identity, and its user.
+    Identity(IdentityId),
+    /// The identity's cached user only (after a write changed it).
+    User(IdentityId),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Payload {
+    /// The announcing replica, which has applied the eviction already.
+    origin: Uuid,
+    kind: String,
+    value: String,
+}
+
+impl Eviction {
+    fn to_payload(&self, origin: Uuid) -> Payload {
+        let (kind, value) = match self {
+            Self::SessionKey(key) => ("session_key", hex::encode(key)),
+            Self::SessionId(id) => ("session_id", id.clone()),
+            Self::Identity(id) => ("identity", id.to_string()),
+            Self::User(id) => ("user", id.to_string()),
+        };
+        Payload {
+            origin,
+            kind: kind.to_owned(),
+            value,
+        }
+    }
+
+    fn from_payload(payload: &Payload) -> Option<Self> {
+        let identity = || {
+            Uuid::try_parse(&payload.value)
+                .ok()
+                .map(IdentityId::from_uuid)
+        };
+        match payload.kind.as_str() {
+            "session_key" => {
+                let bytes = hex::decode(&payload.value).ok()?;
+                Some(Self::SessionKey(bytes.try_into().ok()?))
+            }
+            "session_id" => Some(Self::SessionId(payload.value.clone())),
+            "identity" => identity().map(Self::Identity),
+            "user" => identity().map(Self::User),
+            _ => None,
+        }
+    }
+}
+
+/// Applies evictions here and announces them to the other replicas.
+#[derive(Clone)]
+pub struct Invalidator {
+    store: Store,
+    caches: Arc<Caches>,
+    origin: Uuid,
+}
+
+impl Invalidator {
+    pub fn new(store: Store, caches: Arc<Caches>) -> Self {
+        Self {
+            store,
+            caches,
+            origin: Uuid::new_v4(),
+        }
+    }
+
+    /// Evicts locally, then tells every other replica.
+    pub async fn announce(&self, eviction: Eviction) -> Result<(), StoreError> {
+        apply(&self.caches, &eviction).await;
+        let payload = serde_json::to_string(&eviction.to_payload(self.origin))
+            .map_err(|e| StoreError::Query(format!("encoding an eviction: {e}")))?;
+        self.store.notify(CHANNEL, &payload).await
+    }
+
+    /// Listens for other replicas' evictions until `shutdown`. `listening` turns true once the first
+    /// LISTEN is in place, so a server can wait for it before it serves.
+    pub async fn listen(
+        self,
+        database_url: SecretString,
+        listening: watch::Sender<bool>,
+        shutdown: CancellationToken,
+    ) {
+        let mut failures: u32 = 0;
+        let mut connected_before = false;
+        loop {
+            let session = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = self.listen_once(&database_url, &listening, &shutdown, &mut connected_before) => r,
+            };
+            match session {
+                Ok(()) => return,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let delay = Duration::from_millis(100)
+                        .saturating_mul(1 << failures.min(6))
+                        .min(Duration::from_secs(5));
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "invalidation listener lost its connection");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One connection's life: returns Ok on shutdown, Err when the connection fails.
+    async fn listen_once(
+        &self,
+        database_url: &SecretString,
+        listening: &watch::Sender<bool>,
+        shutdown: &CancellationToken,
+        connected_before: &mut bool,
+    ) -> anyhow::Result<()> {
+        let (client, mut connection) =
+            tokio_postgres::connect(database_url.expose_secret(), tokio_postgres::NoTls).await?;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        // The connection must be polled for the client's queries to progress; it also yields the
+        // notifications.
+        let pump = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        if tx.send(n.payload().to_owned()).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        });
+        client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+        if *connected_before {
+            // Announcements made while we were away are lost; forget everything rather than serve
+            // what may have been evicted.
+            self.caches.clear();
+            tracing::info!("invalidation listener reconnected; caches cleared");
+        }
+        *connected_before = true;
+        listening.send_replace(true);
+
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    pump.abort();
+                    return Ok(());
+                }
+                payload = rx.recv() => match payload {
+                    Some(payload) => self.receive(&payload).await,
+                    None => break,
+                }
+            }
+        }
+        drop(client);
+        match pump.await {
+            Ok(Err(e)) => Err(e.into()),
+            _ => anyhow::bail!("the database closed the listening connection"),
+        }
+    }
+
+    async fn receive(&self, raw: &str) {
+        let Ok(payload) = serde_json::from_str::<Payload>(raw) else {
+            tracing::warn!("ignoring a malformed invalidation payload");
+            return;
+        };
+        if payload.origin == self.origin {
+            return;
+        }
+        match Eviction::from_payload(&payload) {
+            Some(eviction) => apply(&self.caches, &eviction).await,
+            None => tracing::warn!(kind = payload.kind, "ignoring an unknown invalidation"),
+        }
+    }
+}
+
+async fn apply(caches: &Caches, eviction: &Eviction) {
+    match eviction {
+        Eviction::SessionKey(key) => caches.evict_session_key(key).await,
+        Eviction::SessionId(id) => caches.evict_session_id(id),
+        Eviction::Identity(id) => caches.evict_identity(*id).await,
+        Eviction::User(id) => caches.evict_user(*id).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_round_trip_and_carry_no_secret() {
+        let origin = Uuid::new_v4();
+        let identity = IdentityId::from_uuid(Uuid::new_v4());
+        for eviction in [
+            Eviction::SessionKey([7; 32]),
+            Eviction::SessionId(Uuid::new_v4().to_string()),
+            Eviction::Identity(identity),
+            Eviction::User(identity),
+        ] {
+            let payload = eviction.to_payload(origin);
+            let json = serde_json::to_string(&payload).unwrap();
+            let back: Payload = serde_json::from_str(&json).unwrap();
+            assert_eq!(Eviction::from_payload(&back), Some(eviction));
+        }
+    }
+}
