@@ -356,3 +356,73 @@ impl Caches {
         self.sessions.entry_count()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Identity, Session};
+
+    fn session(expires_in: Option<chrono::Duration>) -> SessionWithIdentity {
+        SessionWithIdentity {
+            session: Session {
+                id: "s".into(),
+                active: true,
+                expires_at: expires_in.map(|d| chrono::Utc::now() + d),
+                authenticated_at: None,
+                issued_at: None,
+                authenticator_assurance_level: None,
+                authentication_methods: Vec::new(),
+            },
+            identity: Identity {
+                id: IdentityId::from_uuid(uuid::Uuid::new_v4()),
+                schema_id: "default".into(),
+                state: "active".into(),
+                external_id: None,
+                traits: serde_json::json!({}),
+                metadata_public: serde_json::Value::Null,
+                created_at: None,
+                updated_at: None,
+            },
+        }
+    }
+
+    #[test]
+    fn ttl_is_the_smallest_of_setting_expiry_and_ory_hint() {
+        let settings = CacheSettings::default(); // 60 s
+        let long = session(Some(chrono::Duration::hours(1)));
+        assert_eq!(session_ttl(&settings, &long, None), Duration::from_secs(60));
+        assert_eq!(
+            session_ttl(&settings, &long, Some(Duration::from_secs(10))),
+            Duration::from_secs(10)
+        );
+        let ending = session(Some(chrono::Duration::seconds(5)));
+        let ttl = session_ttl(&settings, &ending, Some(Duration::from_secs(30)));
+        assert!(ttl <= Duration::from_secs(5) && ttl > Duration::from_secs(4));
+        let expired = session(Some(chrono::Duration::seconds(-5)));
+        assert_eq!(session_ttl(&settings, &expired, None), Duration::ZERO);
+        assert_eq!(
+            session_ttl(&settings, &session(None), None),
+            Duration::from_secs(60)
+        );
+    }
+
+    #[tokio::test]
+    async fn stale_copies_never_outlive_the_session() {
+        let caches = Caches::new(CacheSettings {
+            stale_if_error: Some(Duration::from_secs(600)),
+            ..CacheSettings::default()
+        });
+        let key = [1; 32];
+        let s = Arc::new(session(Some(chrono::Duration::seconds(3))));
+        caches
+            .keep_for_stale(key, &s, Duration::from_secs(60))
+            .await;
+        let (_, usable) = caches.stale_session(&key).await.expect("kept");
+        assert!(usable <= Duration::from_secs(3));
+        let gone = Arc::new(session(Some(chrono::Duration::seconds(-1))));
+        caches
+            .keep_for_stale([2; 32], &gone, Duration::from_secs(60))
+            .await;
+        assert!(caches.stale_session(&[2; 32]).await.is_none());
+    }
+}

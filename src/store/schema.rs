@@ -1,5 +1,5 @@
-// @generated-equivalent: matches `diesel print-schema` for migrations/ (no diesel CLI is needed to build;
-// keep it in step with the migrations by hand, and the migration test checks the two agree).
+// Matches `diesel print-schema` for migrations/ (written by hand: no diesel CLI, which needs libpq,
+// is required to build). Keep it in step with the migrations; the integration tests query every table through it, so drift fails them.
 
 diesel::table! {
     ory_outbox (id) {

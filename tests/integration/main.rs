@@ -7,6 +7,7 @@
 mod common;
 
 mod binary;
+mod cache;
 mod hooks;
 mod link;
 mod lookup;

@@ -142,8 +142,14 @@ impl Env {
     }
 
     pub async fn with(tweak: impl FnOnce(&mut Config)) -> Env {
+        Self::with_ory(EmulatorConfig::default(), tweak).await
+    }
+
+    pub async fn with_ory(ory_config: EmulatorConfig, tweak: impl FnOnce(&mut Config)) -> Env {
         let db = TestDb::new().await;
-        let ory = emulator().await;
+        let ory = Emulator::start("127.0.0.1:0".parse().unwrap(), ory_config)
+            .await
+            .expect("start the emulator");
         let mut config = config(&db, &ory);
         tweak(&mut config);
         let server = TestServer::start(config).await;
