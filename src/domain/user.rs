@@ -12,6 +12,57 @@ pub struct User {
     pub schema_id: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// What Ory says of the identity, as reconciliation last found it.
+    pub state: UserState,
+}
+
+/// The state of a user's Ory identity. Users are never hard-deleted; reconciliation records here
+/// what became of their identity, and sets it back to active when the identity returns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum UserState {
+    /// The identity exists and is active (and every user is, until reconciliation finds otherwise).
+    #[default]
+    Active,
+    /// The identity exists but is deactivated in Ory.
+    Inactive,
+    /// Ory no longer has the identity (404).
+    Deleted,
+}
+
+impl UserState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Inactive => "inactive",
+            Self::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "active" => Some(Self::Active),
+            "inactive" => Some(Self::Inactive),
+            "deleted" => Some(Self::Deleted),
+            _ => None,
+        }
+    }
+
+    /// The state of a user whose identity Ory reports in `state` ("active" or "inactive"). Ory
+    /// defines no other value; anything else is read as inactive, so an identity Ory does not call
+    /// active is never reported active.
+    pub fn of_identity(state: &str) -> Self {
+        if state == "active" {
+            Self::Active
+        } else {
+            Self::Inactive
+        }
+    }
+}
+
+impl std::fmt::Display for UserState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What a caller asks LinkIdentity (or just-in-time linking) to do.

@@ -52,6 +52,7 @@ impl From<&User> for api::User {
             schema_id,
             created_at,
             updated_at,
+            state,
         } = user;
         Self {
             id: id.to_string(),
@@ -63,6 +64,7 @@ impl From<&User> for api::User {
             schema_id: schema_id.clone(),
             created_at: Some(timestamp(*created_at)),
             updated_at: Some(timestamp(*updated_at)),
+            state: state.as_str().to_owned(),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! lost connections) apart from query failures, so callers can answer UNAVAILABLE without looking at
 //! diesel errors.
 
+mod backfill;
 pub mod migrate;
 mod models;
 mod outbox;
@@ -23,6 +24,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use futures_util::FutureExt;
 use secrecy::{ExposeSecret, SecretString};
 
+pub use backfill::{BackfillCounts, BackfillRun};
 pub use outbox::{OutboxKind, OutboxRow};
 pub use users::{LinkConflict, LinkResult};
 

@@ -3,7 +3,7 @@ use diesel::prelude::*;
 use uuid::Uuid;
 
 use super::schema::{user_external_ids, users};
-use crate::domain::{ExternalId, IdentityId, User, UserId};
+use crate::domain::{ExternalId, IdentityId, User, UserId, UserState};
 
 #[derive(Debug, Queryable, Selectable)]
 #[diesel(table_name = users, check_for_backend(diesel::pg::Pg))]
@@ -13,6 +13,7 @@ pub(super) struct UserRow {
     pub schema_id: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    pub state: String,
 }
 
 impl UserRow {
@@ -24,6 +25,8 @@ impl UserRow {
             schema_id: self.schema_id,
             created_at: self.created_at,
             updated_at: self.updated_at,
+            // The column's CHECK constraint allows only the three known values.
+            state: UserState::parse(&self.state).unwrap_or_default(),
         }
     }
 }

@@ -192,3 +192,18 @@ impl Store {
             .map_err(StoreError::classify)
     }
 }
+
+impl Store {
+    /// Queues writing `user` to the identity's `metadata_public.id` on its own (reconciliation's
+    /// repair); a pending write for the identity absorbs it.
+    pub async fn queue_metadata_public_id(
+        &self,
+        identity: IdentityId,
+        user: UserId,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        enqueue(&mut conn, OutboxKind::SetMetadataPublicId, identity, user)
+            .await
+            .map_err(StoreError::classify)
+    }
+}

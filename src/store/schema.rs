@@ -2,6 +2,23 @@
 // is required to build). Keep it in step with the migrations; the integration tests query every table through it, so drift fails them.
 
 diesel::table! {
+    backfill_runs (id) {
+        id -> Int8,
+        started_at -> Timestamptz,
+        updated_at -> Timestamptz,
+        finished_at -> Nullable<Timestamptz>,
+        cursor -> Nullable<Text>,
+        pages -> Int8,
+        scanned -> Int8,
+        created -> Int8,
+        already_linked -> Int8,
+        queued -> Int8,
+        drifted -> Int8,
+        failed -> Int8,
+    }
+}
+
+diesel::table! {
     ory_outbox (id) {
         id -> Int8,
         kind -> Text,
@@ -39,9 +56,16 @@ diesel::table! {
         schema_id -> Text,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        state -> Text,
     }
 }
 
 diesel::joinable!(user_external_ids -> users (user_id));
 
-diesel::allow_tables_to_appear_in_same_query!(ory_outbox, pending_users, user_external_ids, users,);
+diesel::allow_tables_to_appear_in_same_query!(
+    backfill_runs,
+    ory_outbox,
+    pending_users,
+    user_external_ids,
+    users,
+);

@@ -5,7 +5,7 @@ use super::models::{NewExternalIdRow, NewUserRow, UserRow};
 use super::outbox::{self, OutboxKind};
 use super::schema::{pending_users, user_external_ids, users};
 use super::{Store, StoreError};
-use crate::domain::{ExternalId, IdentityId, LinkOutcome, LinkRequest, User, UserId};
+use crate::domain::{ExternalId, IdentityId, LinkOutcome, LinkRequest, User, UserId, UserState};
 
 /// Today every external id lives in the default namespace; the column leaves room for more.
 const DEFAULT_NAMESPACE: &str = "";
@@ -320,4 +320,72 @@ async fn insert_external_id(
     Err(TxError::Conflict(LinkConflict::ExternalIdTaken {
         user_id: holder.map(UserId::from_uuid),
     }))
+}
+
+impl Store {
+    /// Sets a user's state; returns the user as stored afterwards, and whether this call changed it
+    /// (`None`: no such user).
+    pub async fn set_user_state(
+        &self,
+        user_id: UserId,
+        state: UserState,
+    ) -> Result<Option<(User, bool)>, StoreError> {
+        let mut conn = self.conn().await?;
+        let changed = diesel::update(
+            users::table
+                .find(user_id.as_uuid())
+                .filter(users::state.ne(state.as_str())),
+        )
+        .set((
+            users::state.eq(state.as_str()),
+            users::updated_at.eq(diesel::dsl::now),
+        ))
+        .returning(users::ory_identity_id)
+        .get_result::<uuid::Uuid>(&mut conn)
+        .await
+        .optional()
+        .map_err(StoreError::classify)?;
+        let identity = match changed {
+            Some(identity) => identity,
+            None => {
+                let found: Option<uuid::Uuid> = users::table
+                    .find(user_id.as_uuid())
+                    .select(users::ory_identity_id)
+                    .first(&mut conn)
+                    .await
+                    .optional()
+                    .map_err(StoreError::classify)?;
+                match found {
+                    Some(identity) => identity,
+                    None => return Ok(None),
+                }
+            }
+        };
+        let user = find_by_identity(&mut conn, IdentityId::from_uuid(identity))
+            .await
+            .map_err(StoreError::classify)?;
+        Ok(user.map(|u| (u, changed.is_some())))
+    }
+
+    /// Up to `limit` users in identity-id order, starting after `after` (keyset pagination, so a
+    /// walk over every user costs one index scan per page however many there are).
+    pub async fn users_after_identity(
+        &self,
+        after: Option<IdentityId>,
+        limit: i64,
+    ) -> Result<Vec<User>, StoreError> {
+        let mut conn = self.conn().await?;
+        let after = after.map_or(uuid::Uuid::nil(), |id| id.as_uuid());
+        let rows: Vec<UserWithExternalId> = select_users!()
+            .filter(users::ory_identity_id.gt(after))
+            .order(users::ory_identity_id)
+            .limit(limit)
+            .load(&mut conn)
+            .await
+            .map_err(StoreError::classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|(user, ext)| user.into_domain(ext))
+            .collect())
+    }
 }
