@@ -76,6 +76,11 @@ impl App {
         &self.config
     }
 
+    /// The use cases, for commands that run them without serving (backfill, reconcile).
+    pub fn mapper(&self) -> &Arc<IdentityMapper> {
+        &self.mapper
+    }
+
     /// Serves gRPC on `grpc` and HTTP on `http`, and runs the outbox worker, until `shutdown`
     /// resolves. Then health turns NOT_SERVING, new connections are refused, in-flight calls get up
     /// to the grace period to finish, and the worker stops after its current delivery.

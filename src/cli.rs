@@ -1,4 +1,5 @@
-//! The command line: `idmap serve`, `idmap migrate`, `idmap dev`.
+//! The command line: `idmap serve`, `idmap migrate`, `idmap dev`, `idmap backfill`,
+//! `idmap reconcile`.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -37,6 +38,10 @@ pub enum Command {
     /// Run everything locally: a private PostgreSQL (unless DATABASE_URL is set), a Kratos emulator
     /// seeded with demo identities and sessions, and the server.
     Dev(Box<crate::dev::DevArgs>),
+    /// Link every Ory identity that has no user yet (resumable; see README "Backfill").
+    Backfill(Box<crate::backfill::BackfillArgs>),
+    /// Find (and with --fix repair) drift between users and Ory identities.
+    Reconcile(Box<crate::backfill::ReconcileArgs>),
 }
 
 /// A setting that is wrong; the process exits with 64 (EX_USAGE).

@@ -6,6 +6,7 @@
 //! through the outbox (`outbox.rs`).
 
 pub mod app;
+pub mod backfill;
 pub mod cache;
 pub mod cli;
 pub mod config;

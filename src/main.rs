@@ -22,11 +22,18 @@ fn main() -> ExitCode {
             Command::Serve(args) => idmap::cli::serve(args).await,
             Command::Migrate(args) => idmap::cli::migrate(args).await,
             Command::Dev(args) => idmap::dev::run(*args).await,
+            Command::Backfill(args) => idmap::backfill::backfill(*args).await,
+            Command::Reconcile(args) => idmap::backfill::reconcile(*args).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // The command has printed its summary; the error says why the exit code is not 0.
+            if let Some(failed) = e.downcast_ref::<idmap::backfill::CommandFailed>() {
+                eprintln!("error: {failed}");
+                return ExitCode::from(failed.code);
+            }
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
             e.downcast_ref::<idmap::cli::ConfigError>()

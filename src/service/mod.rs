@@ -1,11 +1,14 @@
 //! The use cases the gRPC layer calls: resolve a session, look a user up, link an identity. They
 //! orchestrate the store and Ory and own the decisions; they know nothing of protobuf, SQL or HTTP.
 
+mod backfill;
 mod invalidate;
 mod link;
 mod lookup;
+mod reconcile;
 mod registration;
 mod resolve;
+mod walk;
 
 use std::sync::Arc;
 
@@ -17,10 +20,13 @@ use crate::invalidation::{Eviction, Invalidator};
 use crate::ory::KratosClient;
 use crate::store::Store;
 
+pub use backfill::{BackfillObserver, BackfillOptions, BackfillReport, DEFAULT_PAGE_SIZE};
 pub use invalidate::InvalidateTarget;
 pub use lookup::MAX_BATCH_IDS;
+pub use reconcile::{Drift, ReconcileObserver, ReconcileOptions, ReconcileReport};
 pub use registration::Reservation;
 pub use resolve::Resolved;
+pub use walk::{MAX_PAGE_SIZE, RetryPolicy, Stopped, describe as describe_error};
 
 /// Behaviour switches for the use cases.
 #[derive(Debug, Clone)]

@@ -1,0 +1,363 @@
+//! Backfill: brings identities that registered before idmap (or while its hooks were off) in. It
+//! walks every identity with Ory's admin list API and links each one through the same path as
+//! LinkIdentity and the registration hook (`link_seen_identity`), so claiming pending users,
+//! adopting an id already in `metadata_public.id`, queueing the `metadata_public.id` write and
+//! evicting caches happen in one place. After each page the run saves Ory's next page token in
+//! `backfill_runs`, so a run that stops resumes there.
+
+use std::collections::HashMap;
+
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::IdentityMapper;
+use super::walk::{RetryPolicy, Stopped, describe, is_outage};
+use crate::domain::{Identity, IdentityId, LinkRequest, User, UserId, UserState};
+use crate::error::Error;
+use crate::store::BackfillCounts;
+
+/// The page size used unless the operator picks another (Ory's default).
+pub const DEFAULT_PAGE_SIZE: u32 = 250;
+
+/// How a backfill runs.
+#[derive(Debug, Clone)]
+pub struct BackfillOptions {
+    /// Identities per `GET /admin/identities` page (1 to 500).
+    pub page_size: u32,
+    /// Report what would happen; write nothing (no users, no outbox rows, no run record).
+    pub dry_run: bool,
+    /// Start over from the first page instead of resuming an unfinished run.
+    pub restart: bool,
+    /// Identities of a page linked at once. Each link is one short transaction.
+    pub concurrency: usize,
+    pub retry: RetryPolicy,
+}
+
+impl Default for BackfillOptions {
+    fn default() -> Self {
+        Self {
+            page_size: DEFAULT_PAGE_SIZE,
+            dry_run: false,
+            restart: false,
+            concurrency: 8,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// What a backfill did.
+#[derive(Debug, Clone)]
+pub struct BackfillReport {
+    /// Counts over the whole run, pages done before a resume included.
+    pub counts: BackfillCounts,
+    /// When the run resumed here, when it had started.
+    pub resumed_from: Option<chrono::DateTime<chrono::Utc>>,
+    /// Why the walk ended early; `None`: it read the last page.
+    pub stopped: Option<Stopped>,
+    pub dry_run: bool,
+}
+
+impl BackfillReport {
+    /// Whether everything was brought in: the walk finished and nothing failed.
+    pub fn is_success(&self) -> bool {
+        self.stopped.is_none() && self.counts.failed == 0
+    }
+}
+
+/// Told about progress after each page.
+pub trait BackfillObserver: Sync {
+    /// `counts` covers the whole run so far.
+    fn page_done(&self, counts: &BackfillCounts);
+}
+
+impl<F: Fn(&BackfillCounts) + Sync> BackfillObserver for F {
+    fn page_done(&self, counts: &BackfillCounts) {
+        self(counts)
+    }
+}
+
+/// What backfill does with one identity, decided from Ory's view and idmap's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    /// Linked, and `metadata_public.id` already names the user: nothing to do, nothing queued.
+    AlreadyLinked,
+    /// No user yet: link one (adopting `metadata_public.id` when it names a usable id).
+    Create,
+    /// Linked, but `metadata_public.id` is missing or not a user id: queue the write.
+    QueueMetadata,
+    /// Linked to another user than `metadata_public.id` names. Which one is right is
+    /// reconciliation's call (`idmap reconcile --fix` keeps the link and rewrites Ory).
+    Drift { linked: UserId },
+}
+
+fn plan(identity: &Identity, user: Option<&User>) -> Step {
+    let Some(user) = user else {
+        return Step::Create;
+    };
+    match identity
+        .metadata_user_id()
+        .map(|id| UserId::parse("metadata_public.id", id))
+    {
+        Some(Ok(recorded)) if recorded == user.id => Step::AlreadyLinked,
+        Some(Ok(_)) => Step::Drift { linked: user.id },
+        Some(Err(_)) | None => Step::QueueMetadata,
+    }
+}
+
+/// The counts of one step's result.
+fn count(step: &Step) -> BackfillCounts {
+    let mut counts = BackfillCounts {
+        scanned: 1,
+        ..BackfillCounts::default()
+    };
+    match step {
+        Step::AlreadyLinked => counts.already_linked = 1,
+        Step::Create => counts.created = 1,
+        Step::QueueMetadata => counts.queued = 1,
+        Step::Drift { .. } => counts.drifted = 1,
+    }
+    counts
+}
+
+impl IdentityMapper {
+    /// Walks every Ory identity and links the ones without a user. Per-identity failures are
+    /// counted and logged; an outage that outlasts the retries, or `cancel`, stops the walk with the
+    /// cursor at the first unfinished page. `Err` only when the run cannot start.
+    pub async fn backfill(
+        &self,
+        options: &BackfillOptions,
+        observer: &dyn BackfillObserver,
+        cancel: &CancellationToken,
+    ) -> Result<BackfillReport, Error> {
+        let run = if options.dry_run {
+            None
+        } else {
+            Some(self.store.begin_backfill_run(options.restart).await?)
+        };
+        let mut report = BackfillReport {
+            counts: run.as_ref().map(|r| r.counts).unwrap_or_default(),
+            resumed_from: run
+                .as_ref()
+                .filter(|r| r.counts.pages > 0)
+                .map(|r| r.started_at),
+            stopped: None,
+            dry_run: options.dry_run,
+        };
+        let mut cursor = run.as_ref().and_then(|r| r.cursor.clone());
+        if let Some(run) = &run {
+            tracing::info!(run = run.id, resumed = report.resumed_from.is_some(), cursor = ?cursor, "backfill started");
+        }
+        loop {
+            if cancel.is_cancelled() {
+                report.stopped = Some(Stopped::Interrupted);
+                break;
+            }
+            let page = match self
+                .identity_page(options.page_size, cursor.as_deref(), &options.retry, cancel)
+                .await
+            {
+                Ok(page) => page,
+                Err(stopped) => {
+                    report.stopped = Some(stopped);
+                    break;
+                }
+            };
+            let page_counts = match self.backfill_page(&page.identities, options).await {
+                Ok(mut counts) => {
+                    for rejected in &page.rejected {
+                        tracing::warn!(%rejected, "cannot read an identity Ory listed");
+                    }
+                    counts.scanned += page.rejected.len() as i64;
+                    counts.failed += page.rejected.len() as i64;
+                    counts.pages = 1;
+                    counts
+                }
+                Err(e) => {
+                    // The page is done again on resume; linking is idempotent, so whatever part
+                    // of it did commit is found linked then.
+                    report.stopped = Some(Stopped::Failed(describe(&e)));
+                    break;
+                }
+            };
+            let last = page.next_page_token.is_none();
+            if let Some(run) = &run
+                && let Err(e) = self
+                    .store
+                    .advance_backfill_run(
+                        run.id,
+                        page.next_page_token.as_deref(),
+                        page_counts,
+                        last,
+                    )
+                    .await
+            {
+                report.stopped = Some(Stopped::Failed(describe(&e.into())));
+                break;
+            }
+            report.counts += page_counts;
+            observer.page_done(&report.counts);
+            match page.next_page_token {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        tracing::info!(counts = ?report.counts, stopped = ?report.stopped, dry_run = options.dry_run, "backfill ended");
+        Ok(report)
+    }
+
+    /// Handles one page. `Err` when a dependency is down: the page must be done again.
+    async fn backfill_page(
+        &self,
+        identities: &[Identity],
+        options: &BackfillOptions,
+    ) -> Result<BackfillCounts, Error> {
+        let ids: Vec<IdentityId> = identities.iter().map(|i| i.id).collect();
+        let users: HashMap<IdentityId, User> = self
+            .store
+            .users_by_identities(&ids)
+            .await?
+            .into_iter()
+            .map(|u| (u.ory_identity_id, u))
+            .collect();
+        let results: Vec<Result<BackfillCounts, Error>> =
+            futures_util::stream::iter(identities.iter().map(|identity| {
+                let step = plan(identity, users.get(&identity.id));
+                async move {
+                    if options.dry_run {
+                        return Ok(count(&step));
+                    }
+                    self.backfill_identity(identity, step).await
+                }
+            }))
+            .buffer_unordered(options.concurrency.max(1))
+            .collect()
+            .await;
+        let mut counts = BackfillCounts::default();
+        let mut outage = None;
+        for result in results {
+            match result {
+                Ok(c) => counts += c,
+                Err(e) if is_outage(&e) => outage = Some(e),
+                Err(_) => {
+                    counts.scanned += 1;
+                    counts.failed += 1;
+                }
+            }
+        }
+        match outage {
+            Some(e) => Err(e),
+            None => Ok(counts),
+        }
+    }
+
+    async fn backfill_identity(
+        &self,
+        identity: &Identity,
+        step: Step,
+    ) -> Result<BackfillCounts, Error> {
+        let result = match &step {
+            Step::AlreadyLinked => return Ok(count(&step)),
+            Step::Drift { linked } => {
+                tracing::warn!(
+                    identity = %identity.id,
+                    user = %linked,
+                    metadata_public_id = identity.metadata_user_id().unwrap_or_default(),
+                    "identity is linked to another user than its metadata_public.id names; left for `idmap reconcile`"
+                );
+                return Ok(count(&step));
+            }
+            Step::Create | Step::QueueMetadata => {
+                let request = LinkRequest {
+                    ory_identity_id: identity.id,
+                    user_id: None,
+                    external_id: None,
+                };
+                self.link_seen_identity(request, identity).await
+            }
+        };
+        match result {
+            Ok(outcome) => {
+                if outcome.created {
+                    // A user created for a deactivated identity starts as what Ory says it is.
+                    let state = UserState::of_identity(&identity.state);
+                    if state != UserState::Active {
+                        self.record_state(outcome.user.id, state).await?;
+                    }
+                    Ok(count(&Step::Create))
+                } else if step == Step::Create {
+                    // A concurrent link (a hook, a ResolveSession) got there first.
+                    Ok(count(&Step::AlreadyLinked))
+                } else {
+                    Ok(count(&step))
+                }
+            }
+            Err(e) => {
+                if !is_outage(&e) {
+                    tracing::warn!(identity = %identity.id, error = %describe(&e), "cannot backfill an identity");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Sets a user's state and evicts it everywhere when that changed it.
+    pub(crate) async fn record_state(&self, user: UserId, state: UserState) -> Result<(), Error> {
+        if let Some((user, true)) = self.store.set_user_state(user, state).await? {
+            tracing::info!(user = %user.id, identity = %user.ory_identity_id, state = %state, "user state recorded");
+            self.user_written(&user).await;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn identity(metadata: serde_json::Value) -> Identity {
+        Identity {
+            id: IdentityId::from_uuid(uuid::Uuid::new_v4()),
+            schema_id: "customer".into(),
+            state: "active".into(),
+            external_id: None,
+            traits: json!({}),
+            metadata_public: metadata,
+            created_at: None,
+            updated_at: None,
+        }
+    }
+
+    fn user(identity: &Identity) -> User {
+        User {
+            id: UserId::mint(),
+            ory_identity_id: identity.id,
+            external_id: None,
+            schema_id: "customer".into(),
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+            state: UserState::Active,
+        }
+    }
+
+    #[test]
+    fn each_identity_gets_the_step_its_state_needs() {
+        let unlinked = identity(json!(null));
+        assert_eq!(plan(&unlinked, None), Step::Create);
+
+        let missing = identity(json!({"theme": "dark"}));
+        assert_eq!(plan(&missing, Some(&user(&missing))), Step::QueueMetadata);
+
+        let garbage = identity(json!({"id": "not-a-uuid"}));
+        assert_eq!(plan(&garbage, Some(&user(&garbage))), Step::QueueMetadata);
+
+        let mut correct = identity(json!(null));
+        let u = user(&correct);
+        correct.metadata_public = json!({"id": u.id.to_string()});
+        assert_eq!(plan(&correct, Some(&u)), Step::AlreadyLinked);
+
+        let elsewhere = identity(json!({"id": UserId::mint().to_string()}));
+        let u = user(&elsewhere);
+        assert_eq!(plan(&elsewhere, Some(&u)), Step::Drift { linked: u.id });
+    }
+}

@@ -1,0 +1,375 @@
+//! Reconciliation: finds where idmap and Ory disagree and, when asked, repairs idmap's side and
+//! queues Ory's. Ory sends no webhook when an identity is deleted or deactivated, and
+//! `metadata_public.id` can be edited or lost, so this is the only way such drift is found.
+//!
+//! It walks every identity (list API), comparing each with its user: the user's state against the
+//! identity's, and `metadata_public.id` against the user id. Then it walks the users: one whose
+//! identity the walk did not see is confirmed with `GET /admin/identities/{id}` before it is marked
+//! deleted, since the identity may have been created after the walk passed its place.
+//!
+//! Repairs never call Ory inline: a user's state is idmap's own record, and `metadata_public.id`
+//! writes go through the outbox like every other Ory write.
+
+use std::collections::{HashMap, HashSet};
+
+use tokio_util::sync::CancellationToken;
+
+use super::IdentityMapper;
+use super::walk::{RetryPolicy, Stopped, describe, is_outage, with_retry};
+use crate::domain::{Identity, IdentityId, User, UserId, UserState};
+use crate::error::Error;
+use crate::ory::OryError;
+
+/// Users read per query in the walk over users.
+const USER_PAGE: i64 = 500;
+
+/// How a reconciliation runs.
+#[derive(Debug, Clone)]
+pub struct ReconcileOptions {
+    /// Identities per `GET /admin/identities` page (1 to 500).
+    pub page_size: u32,
+    /// Repair what is found; without it nothing is written.
+    pub fix: bool,
+    pub retry: RetryPolicy,
+}
+
+impl Default for ReconcileOptions {
+    fn default() -> Self {
+        Self {
+            page_size: super::backfill::DEFAULT_PAGE_SIZE,
+            fix: false,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// One disagreement between idmap and Ory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Drift {
+    /// Ory no longer has the user's identity (404).
+    Deleted { user: UserId, identity: IdentityId },
+    /// The identity's state in Ory is not the user's: deactivated, reactivated, or back after
+    /// having been reported deleted.
+    State {
+        user: UserId,
+        identity: IdentityId,
+        recorded: UserState,
+        actual: UserState,
+    },
+    /// `metadata_public.id` is missing (or not a string).
+    MetadataMissing { user: UserId, identity: IdentityId },
+    /// `metadata_public.id` holds something other than the linked user's id.
+    MetadataElsewhere {
+        user: UserId,
+        identity: IdentityId,
+        found: String,
+    },
+}
+
+impl Drift {
+    /// A stable one-word name, for counting and for the start of the report line.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Deleted { .. } => "deleted",
+            Self::State {
+                actual: UserState::Active,
+                ..
+            } => "reactivated",
+            Self::State { .. } => "inactive",
+            Self::MetadataMissing { .. } => "metadata-missing",
+            Self::MetadataElsewhere { .. } => "metadata-elsewhere",
+        }
+    }
+}
+
+impl std::fmt::Display for Drift {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = self.kind();
+        match self {
+            Self::Deleted { user, identity } => write!(
+                f,
+                "{kind}: user {user} identity {identity}: Ory has no such identity"
+            ),
+            Self::State {
+                user,
+                identity,
+                recorded,
+                actual,
+            } => write!(
+                f,
+                "{kind}: user {user} identity {identity}: user is {recorded}, identity is {actual}"
+            ),
+            Self::MetadataMissing { user, identity } => write!(
+                f,
+                "{kind}: user {user} identity {identity}: metadata_public.id is not set"
+            ),
+            Self::MetadataElsewhere {
+                user,
+                identity,
+                found,
+            } => write!(
+                f,
+                "{kind}: user {user} identity {identity}: metadata_public.id is {found:?}"
+            ),
+        }
+    }
+}
+
+/// Told about each drift as it is found (and repaired), and about progress.
+pub trait ReconcileObserver: Sync {
+    /// `repair` is `None` without `--fix`, else how the repair went.
+    fn drift(&self, drift: &Drift, repair: Option<&Result<(), Error>>);
+    /// Identities read so far.
+    fn scanned(&self, _identities: u64) {}
+}
+
+/// What a reconciliation found.
+#[derive(Debug, Clone, Default)]
+pub struct ReconcileReport {
+    /// Identities read from Ory.
+    pub identities: u64,
+    /// Users compared with their identity.
+    pub users: u64,
+    /// Identities without a user (`idmap backfill` links them).
+    pub unlinked: u64,
+    /// Drifts found, by [`Drift::kind`].
+    pub drifts: HashMap<&'static str, u64>,
+    /// Drifts repaired (`--fix`).
+    pub fixed: u64,
+    /// Identities or users that could not be checked or repaired.
+    pub failed: u64,
+    /// Why the walk ended early; `None`: everything was checked.
+    pub stopped: Option<Stopped>,
+    pub fix: bool,
+}
+
+impl ReconcileReport {
+    pub fn drift_total(&self) -> u64 {
+        self.drifts.values().sum()
+    }
+}
+
+impl IdentityMapper {
+    /// Compares every identity with its user and every user with its identity; reports each
+    /// drift to `observer` and, with `fix`, repairs it. `Err` only when it cannot start.
+    pub async fn reconcile(
+        &self,
+        options: &ReconcileOptions,
+        observer: &dyn ReconcileObserver,
+        cancel: &CancellationToken,
+    ) -> Result<ReconcileReport, Error> {
+        let mut report = ReconcileReport {
+            fix: options.fix,
+            ..ReconcileReport::default()
+        };
+        let mut seen: HashSet<IdentityId> = HashSet::new();
+        let mut cursor: Option<String> = None;
+
+        // 1. Every identity Ory has.
+        loop {
+            if cancel.is_cancelled() {
+                report.stopped = Some(Stopped::Interrupted);
+                return Ok(report);
+            }
+            let page = match self
+                .identity_page(options.page_size, cursor.as_deref(), &options.retry, cancel)
+                .await
+            {
+                Ok(page) => page,
+                Err(stopped) => {
+                    report.stopped = Some(stopped);
+                    return Ok(report);
+                }
+            };
+            for rejected in &page.rejected {
+                tracing::warn!(%rejected, "cannot read an identity Ory listed");
+                report.failed += 1;
+            }
+            let ids: Vec<IdentityId> = page.identities.iter().map(|i| i.id).collect();
+            let users: HashMap<IdentityId, User> = match self.store.users_by_identities(&ids).await
+            {
+                Ok(users) => users.into_iter().map(|u| (u.ory_identity_id, u)).collect(),
+                Err(e) => {
+                    report.stopped = Some(Stopped::Failed(describe(&e.into())));
+                    return Ok(report);
+                }
+            };
+            for identity in &page.identities {
+                seen.insert(identity.id);
+                report.identities += 1;
+                match users.get(&identity.id) {
+                    Some(user) => {
+                        if let Err(e) = self
+                            .reconcile_pair(user, identity, options, observer, &mut report)
+                            .await
+                        {
+                            report.stopped = Some(Stopped::Failed(describe(&e)));
+                            return Ok(report);
+                        }
+                    }
+                    None => report.unlinked += 1,
+                }
+            }
+            observer.scanned(report.identities);
+            match page.next_page_token {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+
+        // 2. Every user whose identity the walk did not see. Users already recorded deleted are
+        // skipped: an identity coming back shows up in a later walk, which reactivates the user.
+        let mut after = None;
+        loop {
+            if cancel.is_cancelled() {
+                report.stopped = Some(Stopped::Interrupted);
+                return Ok(report);
+            }
+            let users = match self.store.users_after_identity(after, USER_PAGE).await {
+                Ok(users) => users,
+                Err(e) => {
+                    report.stopped = Some(Stopped::Failed(describe(&e.into())));
+                    return Ok(report);
+                }
+            };
+            let Some(last) = users.last() else { break };
+            after = Some(last.ory_identity_id);
+            for user in users
+                .iter()
+                .filter(|u| u.state != UserState::Deleted && !seen.contains(&u.ory_identity_id))
+            {
+                let identity = user.ory_identity_id;
+                let found = with_retry(
+                    &options.retry,
+                    cancel,
+                    "reading an Ory identity",
+                    || async {
+                        match self.ory.get_identity(identity).await {
+                            Ok(identity) => Ok(Some(identity)),
+                            Err(OryError::NotFound) => Ok(None),
+                            Err(e) => Err(e),
+                        }
+                    },
+                )
+                .await;
+                let outcome = match found {
+                    // Created (or linked) after the walk passed its place: compare it now.
+                    Ok(Some(identity)) => {
+                        self.reconcile_pair(user, &identity, options, observer, &mut report)
+                            .await
+                    }
+                    Ok(None) => {
+                        report.users += 1;
+                        let drift = Drift::Deleted {
+                            user: user.id,
+                            identity,
+                        };
+                        self.found(drift, options, observer, &mut report, || {
+                            self.record_state(user.id, UserState::Deleted)
+                        })
+                        .await
+                    }
+                    Err(Stopped::Interrupted) => {
+                        report.stopped = Some(Stopped::Interrupted);
+                        return Ok(report);
+                    }
+                    Err(Stopped::Failed(why)) => {
+                        tracing::warn!(user = %user.id, %identity, %why, "cannot check a user's identity");
+                        report.failed += 1;
+                        Ok(())
+                    }
+                };
+                if let Err(e) = outcome {
+                    report.stopped = Some(Stopped::Failed(describe(&e)));
+                    return Ok(report);
+                }
+            }
+        }
+        tracing::info!(?report, "reconciliation ended");
+        Ok(report)
+    }
+
+    /// Compares a user with its identity. `Err` only on an outage (the run stops).
+    async fn reconcile_pair(
+        &self,
+        user: &User,
+        identity: &Identity,
+        options: &ReconcileOptions,
+        observer: &dyn ReconcileObserver,
+        report: &mut ReconcileReport,
+    ) -> Result<(), Error> {
+        report.users += 1;
+        let actual = UserState::of_identity(&identity.state);
+        if user.state != actual {
+            let drift = Drift::State {
+                user: user.id,
+                identity: identity.id,
+                recorded: user.state,
+                actual,
+            };
+            self.found(drift, options, observer, report, || {
+                self.record_state(user.id, actual)
+            })
+            .await?;
+        }
+        let recorded = identity.metadata_user_id();
+        if recorded != Some(user.id.to_string().as_str()) {
+            let drift = match recorded {
+                None => Drift::MetadataMissing {
+                    user: user.id,
+                    identity: identity.id,
+                },
+                Some(found) => Drift::MetadataElsewhere {
+                    user: user.id,
+                    identity: identity.id,
+                    found: found.to_owned(),
+                },
+            };
+            // The link in idmap is the record callers resolve through; Ory's copy follows it.
+            self.found(drift, options, observer, report, || async {
+                self.store
+                    .queue_metadata_public_id(identity.id, user.id)
+                    .await?;
+                self.outbox_wakeup.notify_one();
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Counts and reports a drift, repairing it with `repair` under `--fix`. An outage during the
+    /// repair is returned (the run stops); any other failure is counted.
+    async fn found<F, Fut>(
+        &self,
+        drift: Drift,
+        options: &ReconcileOptions,
+        observer: &dyn ReconcileObserver,
+        report: &mut ReconcileReport,
+        repair: F,
+    ) -> Result<(), Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(), Error>>,
+    {
+        *report.drifts.entry(drift.kind()).or_default() += 1;
+        if !options.fix {
+            observer.drift(&drift, None);
+            return Ok(());
+        }
+        let result = repair().await;
+        observer.drift(&drift, Some(&result));
+        match result {
+            Ok(()) => {
+                report.fixed += 1;
+                Ok(())
+            }
+            Err(e) if is_outage(&e) => Err(e),
+            Err(e) => {
+                tracing::warn!(%drift, error = %describe(&e), "cannot repair a drift");
+                report.failed += 1;
+                Ok(())
+            }
+        }
+    }
+}
