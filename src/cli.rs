@@ -42,6 +42,9 @@ pub enum Command {
     Backfill(Box<crate::backfill::BackfillArgs>),
     /// Find (and with --fix repair) drift between users and Ory identities.
     Reconcile(Box<crate::backfill::ReconcileArgs>),
+    /// Benchmark idmap (see BENCHMARKS.md): by default against servers started in this process
+    /// with a private PostgreSQL and the Kratos emulator.
+    Bench(Box<crate::bench::BenchArgs>),
 }
 
 /// A setting that is wrong; the process exits with 64 (EX_USAGE).

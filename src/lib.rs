@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod backfill;
+pub mod bench;
 pub mod cache;
 pub mod cli;
 pub mod config;

@@ -1,0 +1,1140 @@
+//! `idmap bench`: the benchmark harness of issue 3. It drives idmap through the generated tonic
+//! client over real TCP, by default against servers it starts in this process (a private
+//! PostgreSQL or a fresh database in DATABASE_URL, the Kratos emulator, `App::build` + `serve` on
+//! 127.0.0.1:0), and measures each scenario next to `grpc.health.v1.Health/Check` on the same server
+//! with the same concurrency and connections. See BENCHMARKS.md for what each scenario measures.
+//!
+//! Error type: `anyhow` (this is a command, off the request path). Performance is reported, never
+//! asserted.
+
+mod env;
+mod load;
+mod report;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use kratos_emulator::{Emulator, EmulatorConfig, Fault, NewSession, Route};
+use rand::RngExt;
+use secrecy::SecretString;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+use crate::config::{CommonArgs, Config, parse_database_url, parse_duration};
+use crate::proto::api::{
+    self, identity_service_client::IdentityServiceClient, resolve_session_request,
+};
+use env::{Database, Server};
+use load::{CallFuture, LoadResult, MakeCall, OryCalls, Plan};
+pub use report::{Baseline, Finding, Report, Row};
+
+/// A benchmark scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum)]
+pub enum Scenario {
+    /// Every scenario below, in this order.
+    All,
+    /// ResolveSession over a fixed pool of sessions, all cached before measuring.
+    ResolveCached,
+    /// ResolveSession with a brand-new session on every call (each one a whoami call).
+    ResolveUncached,
+    /// GetUserByOryId of seeded users, user cache warm.
+    GetByOryId,
+    /// GetByExternalId of seeded users, user cache warm.
+    GetByExternalId,
+    /// GetUserByOryId with the user cache held to one entry, so every lookup reaches PostgreSQL.
+    GetByOryIdCold,
+    /// GetByExternalId with the user cache held to one entry, so every lookup reaches PostgreSQL.
+    GetByExternalIdCold,
+    /// BatchGetUsers of --batch-size random seeded identities per call.
+    BatchGet,
+    /// LinkIdentity of identities idmap has never seen.
+    Link,
+    /// --coalesce-callers concurrent ResolveSession calls with one new token: whoami calls made.
+    Coalesce,
+    /// --soak-sessions sessions resolved continuously for --soak-duration with a --soak-ttl TTL.
+    TtlSoak,
+    /// Memory per cached session (--sessions of them), and that the cache bound bounds it.
+    MemoryPerSession,
+    /// Cold lookups' p99 with --users users, then with --scale-users users.
+    LookupScale,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::ResolveCached => "resolve-cached",
+            Self::ResolveUncached => "resolve-uncached",
+            Self::GetByOryId => "get-by-ory-id",
+            Self::GetByExternalId => "get-by-external-id",
+            Self::GetByOryIdCold => "get-by-ory-id-cold",
+            Self::GetByExternalIdCold => "get-by-external-id-cold",
+            Self::BatchGet => "batch-get",
+            Self::Link => "link",
+            Self::Coalesce => "coalesce",
+            Self::TtlSoak => "ttl-soak",
+            Self::MemoryPerSession => "memory-per-session",
+            Self::LookupScale => "lookup-scale",
+        }
+    }
+
+    /// Scenarios that need sessions or identities in the in-process emulator.
+    fn needs_emulator(self) -> bool {
+        matches!(
+            self,
+            Self::ResolveCached
+                | Self::ResolveUncached
+                | Self::Link
+                | Self::Coalesce
+                | Self::TtlSoak
+                | Self::MemoryPerSession
+        )
+    }
+
+    /// Scenarios that change the server's settings, which an external server does not let us do.
+    fn needs_own_server(self) -> bool {
+        self.needs_emulator()
+            || matches!(
+                self,
+                Self::GetByOryIdCold | Self::GetByExternalIdCold | Self::LookupScale
+            )
+    }
+}
+
+/// Settings of `idmap bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Scenario to run; repeat the flag for several, or `all`.
+    #[arg(long = "scenario", value_enum, default_value = "all")]
+    pub scenarios: Vec<Scenario>,
+
+    /// Requests in flight.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+
+    /// HTTP/2 connections; the in-flight requests use them round-robin.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+
+    /// Measured time of each load scenario.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Unmeasured load before each measured window.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub warmup: Duration,
+
+    /// Users seeded straight into PostgreSQL (`INSERT .. SELECT generate_series`) before the runs.
+    #[arg(long, default_value_t = 10_000)]
+    pub users: u64,
+
+    /// Sessions cached by memory-per-session.
+    #[arg(long, default_value_t = 100_000)]
+    pub sessions: u64,
+
+    /// The memory-per-session bound check: IDMAP_SESSION_CACHE_MAX_ENTRIES for the second server
+    /// (default: a tenth of --sessions).
+    #[arg(long)]
+    pub memory_bound: Option<u64>,
+
+    /// Sessions in resolve-cached's pool (on as many identities, linked beforehand).
+    #[arg(long, default_value_t = 1_000)]
+    pub session_pool: usize,
+
+    /// Identities per BatchGetUsers call.
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+
+    /// Concurrent ResolveSession calls sharing one new token in a coalesce round.
+    #[arg(long, default_value_t = 1_000)]
+    pub coalesce_callers: usize,
+
+    /// Coalesce rounds, each with a new token.
+    #[arg(long, default_value_t = 5)]
+    pub coalesce_rounds: usize,
+
+    /// How long the emulator takes to answer the coalesce rounds' whoami (self-hosted Kratos: about
+    /// 20 ms at the median, 200 ms at p99), so the callers surely overlap the call.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub coalesce_whoami_delay: Duration,
+
+    /// Distinct sessions ttl-soak resolves (the issue's target: 10000).
+    #[arg(long, default_value_t = 1_000)]
+    pub soak_sessions: usize,
+
+    /// How long ttl-soak resolves them (the issue's target: 60s).
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub soak_duration: Duration,
+
+    /// ttl-soak's IDMAP_SESSION_CACHE_TTL (the issue's target: 30s).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub soak_ttl: Duration,
+
+    /// Users lookup-scale grows the table to for its second measurement.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub scale_users: u64,
+
+    /// Benchmark an idmap already running at host:port instead of starting one. Only scenarios that
+    /// need neither the emulator nor changed server settings run; Ory call counts are unavailable.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub target: Option<String>,
+
+    /// In process: the PostgreSQL server to create the benchmark's database on (default: a private
+    /// cluster). With --target: the target's own database, which the lookups' users are seeded into.
+    #[arg(long, env = "DATABASE_URL", value_name = "DATABASE_URL", hide_env_values = true, value_parser = parse_database_url)]
+    pub database_url: Option<SecretString>,
+
+    /// Diagnostic: set TCP_NODELAY on the in-process server's gRPC listener (inherited by the
+    /// connections it accepts). `idmap serve` does not, so results with it are not idmap's as shipped.
+    #[arg(long)]
+    pub server_nodelay: bool,
+
+    /// Append a markdown section (machine, date, command, results) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub markdown: Option<PathBuf>,
+
+    /// Settings of the in-process server (as for `idmap serve`); some scenarios override a few, and
+    /// the report says which.
+    #[command(flatten, next_help_heading = "In-process server settings")]
+    pub server: CommonArgs,
+}
+
+impl BenchArgs {
+    /// The scenarios to run, in `all`'s order, each once.
+    pub fn selected(&self) -> Vec<Scenario> {
+        let mut out: Vec<Scenario> = if self.scenarios.contains(&Scenario::All) {
+            Scenario::value_variants()
+                .iter()
+                .copied()
+                .filter(|s| *s != Scenario::All)
+                .collect()
+        } else {
+            self.scenarios.clone()
+        };
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    fn plan(&self) -> Plan {
+        Plan {
+            concurrency: self.concurrency.max(1),
+            connections: self.connections.max(1),
+            warmup: self.warmup,
+            duration: self.duration,
+        }
+    }
+}
+
+type Client = IdentityServiceClient<Channel>;
+
+/// Runs the benchmark, prints the table, appends the markdown section when asked, and returns what
+/// it found.
+pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
+    let machine = report::Machine::detect();
+    let date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string();
+    let command = std::env::args()
+        .map(|a| report::shell_quote(&a))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut report = Report::default();
+    match &args.target {
+        Some(target) => external(&args, target, &mut report).await?,
+        None => in_process(&args, &mut report).await?,
+    }
+    if let Some(peak) = report::peak_rss_bytes() {
+        report.note(format!(
+            "peak RSS of this process: {}{}",
+            report::format_mib(peak),
+            if args.target.is_none() {
+                " (idmap server, benchmark client, Kratos emulator and its sessions together)"
+            } else {
+                " (the benchmark client only)"
+            }
+        ));
+    }
+    print!("{}", report::text(&report));
+    if let Some(path) = &args.markdown {
+        use std::io::Write as _;
+        let section = report::markdown(&report, &machine, &command, &date);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(section.as_bytes()))
+            .with_context(|| format!("cannot append to {}", path.display()))?;
+    }
+    Ok(report)
+}
+
+fn clients(channels: &[Channel]) -> Arc<Vec<Client>> {
+    Arc::new(channels.iter().cloned().map(Client::new).collect())
+}
+
+fn boxed(
+    f: impl Future<Output = Result<(), tonic::Status>> + Send + 'static,
+) -> Option<CallFuture> {
+    Some(Box::pin(f))
+}
+
+/// Health/Check with the same shape of load: every ratio's baseline.
+async fn health_baseline(
+    args: &BenchArgs,
+    channels: &[Channel],
+    server: &str,
+    report: &mut Report,
+) -> Baseline {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    eprintln!("bench: health baseline ({server})");
+    let health: Arc<Vec<HealthClient<Channel>>> =
+        Arc::new(channels.iter().cloned().map(HealthClient::new).collect());
+    let make: MakeCall = Arc::new(move |conn, _| {
+        let mut c = health[conn].clone();
+        boxed(async move {
+            c.check(HealthCheckRequest::default()).await?;
+            Ok(())
+        })
+    });
+    let load = load::run(args.plan(), make, None).await;
+    let baseline = Baseline {
+        throughput: load.throughput(),
+        p99: load.latency(0.99),
+    };
+    report.rows.push(Row {
+        scenario: "health-check (baseline)".into(),
+        server: server.into(),
+        load,
+        baseline: None,
+        rss_bytes: report::rss_bytes(),
+    });
+    baseline
+}
+
+/// Runs one load scenario and records its row.
+#[allow(clippy::too_many_arguments)]
+async fn measure(
+    args: &BenchArgs,
+    scenario: &str,
+    server: &str,
+    make: MakeCall,
+    emulator: Option<&Emulator>,
+    baseline: Option<Baseline>,
+    report: &mut Report,
+) -> LoadResult {
+    eprintln!("bench: {scenario} ({server})");
+    let load = load::run(args.plan(), make, emulator).await;
+    report.rows.push(Row {
+        scenario: scenario.into(),
+        server: server.into(),
+        load: load.clone(),
+        baseline,
+        rss_bytes: report::rss_bytes(),
+    });
+    load
+}
+
+fn get_by_ory_id(clients: Arc<Vec<Client>>, users: u64) -> MakeCall {
+    Arc::new(move |conn, _| {
+        let mut c = clients[conn].clone();
+        let i = rand::rng().random_range(1..=users.max(1));
+        boxed(async move {
+            c.get_user_by_ory_id(api::GetUserByOryIdRequest {
+                ory_identity_id: env::seeded_identity(i).to_string(),
+            })
+            .await?;
+            Ok(())
+        })
+    })
+}
+
+fn get_by_external_id(clients: Arc<Vec<Client>>, users: u64) -> MakeCall {
+    Arc::new(move |conn, _| {
+        let mut c = clients[conn].clone();
+        let i = rand::rng().random_range(1..=users.max(1));
+        boxed(async move {
+            c.get_by_external_id(api::GetByExternalIdRequest {
+                external_id: env::seeded_external_id(i),
+            })
+            .await?;
+            Ok(())
+        })
+    })
+}
+
+fn batch_get(clients: Arc<Vec<Client>>, users: u64, size: usize) -> MakeCall {
+    Arc::new(move |conn, _| {
+        let mut c = clients[conn].clone();
+        let mut rng = rand::rng();
+        let ids = (0..size)
+            .map(|_| env::seeded_identity(rng.random_range(1..=users.max(1))).to_string())
+            .collect();
+        boxed(async move {
+            c.batch_get_users(api::BatchGetUsersRequest {
+                ory_identity_ids: ids,
+            })
+            .await?;
+            Ok(())
+        })
+    })
+}
+
+/// ResolveSession of `tokens[seq % len]`; with `once`, each token once and then the supply ends.
+fn resolve(clients: Arc<Vec<Client>>, tokens: Arc<Vec<String>>, once: bool) -> MakeCall {
+    Arc::new(move |conn, seq| {
+        let seq = usize::try_from(seq).ok()?;
+        if tokens.is_empty() || (once && seq >= tokens.len()) {
+            return None;
+        }
+        let token = tokens[seq % tokens.len()].clone();
+        let mut c = clients[conn].clone();
+        boxed(async move {
+            c.resolve_session(api::ResolveSessionRequest {
+                credential: Some(resolve_session_request::Credential::SessionToken(token)),
+            })
+            .await?;
+            Ok(())
+        })
+    })
+}
+
+/// Loads every user of `1..=users` into the server's user cache (BatchGetUsers puts what it reads
+/// there), so the warm lookups start warm.
+async fn warm_users(clients: &[Client], users: u64) -> anyhow::Result<()> {
+    let Some(client) = clients.first() else {
+        return Ok(());
+    };
+    let mut c = client.clone();
+    let mut i = 1;
+    while i <= users {
+        let end = (i + 999).min(users);
+        let ids = (i..=end)
+            .map(|n| env::seeded_identity(n).to_string())
+            .collect();
+        c.batch_get_users(api::BatchGetUsersRequest {
+            ory_identity_ids: ids,
+        })
+        .await
+        .context("warming the user cache")?;
+        i = end + 1;
+    }
+    Ok(())
+}
+
+/// Resolves every token once at full concurrency (warming a cache, or filling it to measure it).
+async fn resolve_all(
+    args: &BenchArgs,
+    clients: Arc<Vec<Client>>,
+    tokens: Arc<Vec<String>>,
+) -> LoadResult {
+    let plan = Plan {
+        warmup: Duration::ZERO,
+        // Long enough for any number of tokens; the supply ends the run.
+        duration: Duration::from_secs(3600),
+        ..args.plan()
+    };
+    load::run(plan, resolve(clients, tokens, true), None).await
+}
+
+fn new_sessions(emulator: &Emulator, identities: &[Uuid], n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            emulator
+                .create_session(identities[i % identities.len()], NewSession::default())
+                .token
+        })
+        .collect()
+}
+
+/// The base configuration of every in-process server: the `serve` settings given (flags or
+/// environment), pointed at the benchmark's database and emulator.
+fn base_config(args: &BenchArgs, db: &Database, emulator: &Emulator) -> anyhow::Result<Config> {
+    let ory = url::Url::parse(&emulator.url()).context("the emulator's URL")?;
+    Config::new(db.url.clone(), ory, None, args.server.clone())
+        .map_err(|e| anyhow::Error::from(crate::cli::ConfigError(e)))
+}
+
+async fn in_process(args: &BenchArgs, report: &mut Report) -> anyhow::Result<()> {
+    eprintln!("bench: starting PostgreSQL and the Kratos emulator");
+    let db = Database::start(args.database_url.as_ref()).await?;
+    let emulator = Emulator::start(([127, 0, 0, 1], 0).into(), EmulatorConfig::default())
+        .await
+        .context("cannot start the Kratos emulator")?;
+    let result = scenarios_in_process(args, &db, &emulator, report).await;
+    emulator.shutdown().await;
+    let closed = db.close().await;
+    result.and(closed)
+}
+
+async fn scenarios_in_process(
+    args: &BenchArgs,
+    db: &Database,
+    emulator: &Emulator,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let selected = args.selected();
+    let base = base_config(args, db, emulator)?;
+    if args.server_nodelay {
+        report.note("--server-nodelay: TCP_NODELAY set on the server's gRPC connections, which `idmap serve` does not do; these are not the numbers of idmap as shipped");
+    }
+    let pg = db.client().await?;
+    let started = Instant::now();
+    env::seed_users(&pg, 1, args.users).await?;
+    eprintln!(
+        "bench: seeded {} users in {:.1}s",
+        args.users,
+        started.elapsed().as_secs_f64()
+    );
+    let identities = if selected.iter().any(|s| s.needs_emulator()) {
+        env::linked_identities(emulator, &pg, args.session_pool.max(1)).await?
+    } else {
+        Vec::new()
+    };
+    let unlimited_whoami = "IDMAP_ORY_WHOAMI_RPS=0 (unlimited)";
+
+    // One server with the given settings (whoami and admin calls unlimited, so the scenarios that
+    // call Ory measure idmap rather than the rate limiter) for the scenarios that need no others.
+    let main: Vec<Scenario> = selected
+        .iter()
+        .copied()
+        .filter(|s| {
+            matches!(
+                s,
+                Scenario::ResolveCached
+                    | Scenario::ResolveUncached
+                    | Scenario::GetByOryId
+                    | Scenario::GetByExternalId
+                    | Scenario::BatchGet
+                    | Scenario::Link
+                    | Scenario::Coalesce
+            )
+        })
+        .collect();
+    if !main.is_empty() {
+        let mut config = base.clone();
+        config.ory.whoami_rps = None;
+        config.ory.admin_rps = None;
+        let label = "given settings, Ory RPS limits off";
+        report.note(format!(
+            "\"{label}\": the settings given to the bench (defaults unless flags or IDMAP_* say otherwise) with {unlimited_whoami} and IDMAP_ORY_ADMIN_RPS=0, so resolve-uncached and link measure idmap, not the rate limiter (with the defaults, 100 and 50 calls/s would cap them)"
+        ));
+        let server = Server::start(config.clone(), args.server_nodelay).await?;
+        let channels = env::connect_channels(&server.addr.to_string(), args.connections).await?;
+        let cl = clients(&channels);
+        let baseline = health_baseline(args, &channels, label, report).await;
+        for scenario in &main {
+            main_scenario(
+                args,
+                *scenario,
+                &config,
+                &cl,
+                emulator,
+                &identities,
+                baseline,
+                label,
+                report,
+            )
+            .await?;
+        }
+        drop(channels);
+        server.stop().await?;
+        // Link queues metadata writes to Ory; none may run on into later scenarios.
+        pg.batch_execute("DELETE FROM ory_outbox").await?;
+    }
+
+    let cold: Vec<Scenario> = selected
+        .iter()
+        .copied()
+        .filter(|s| matches!(s, Scenario::GetByOryIdCold | Scenario::GetByExternalIdCold))
+        .collect();
+    if !cold.is_empty() {
+        let label = "IDMAP_USER_CACHE_MAX_ENTRIES=1";
+        let mut config = base.clone();
+        config.cache.user_max_entries = 1;
+        let server = Server::start(config, args.server_nodelay).await?;
+        let channels = env::connect_channels(&server.addr.to_string(), args.connections).await?;
+        let cl = clients(&channels);
+        let baseline = health_baseline(args, &channels, label, report).await;
+        for scenario in &cold {
+            let make = if *scenario == Scenario::GetByOryIdCold {
+                get_by_ory_id(cl.clone(), args.users)
+            } else {
+                get_by_external_id(cl.clone(), args.users)
+            };
+            let load = measure(
+                args,
+                scenario.name(),
+                label,
+                make,
+                Some(emulator),
+                Some(baseline),
+                report,
+            )
+            .await;
+            ratio_finding(report, scenario.name(), &load, baseline, 0.25, None);
+        }
+        drop(channels);
+        server.stop().await?;
+    }
+
+    if selected.contains(&Scenario::TtlSoak) {
+        ttl_soak(args, &base, emulator, &identities, report).await?;
+    }
+    if selected.contains(&Scenario::MemoryPerSession) {
+        memory_per_session(args, &base, emulator, &identities, report).await?;
+    }
+    if selected.contains(&Scenario::LookupScale) {
+        lookup_scale(args, &base, &pg, emulator, report).await?;
+    }
+    Ok(())
+}
+
+/// Records whether a row meets a throughput-ratio (and optionally p99-ratio) target.
+fn ratio_finding(
+    report: &mut Report,
+    scenario: &str,
+    load: &LoadResult,
+    baseline: Baseline,
+    min_throughput: f64,
+    max_p99: Option<f64>,
+) {
+    let throughput = if baseline.throughput > 0.0 {
+        load.throughput() / baseline.throughput
+    } else {
+        0.0
+    };
+    report.findings.push(Finding {
+        scenario: scenario.into(),
+        what: "throughput vs Health/Check".into(),
+        value: throughput,
+        shown: format!("{throughput:.2}x"),
+        target: Some(format!("at least {min_throughput}x")),
+        met: Some(throughput >= min_throughput && load.errors == 0),
+    });
+    if let Some(max_p99) = max_p99 {
+        let base = baseline.p99.as_secs_f64();
+        let p99 = if base > 0.0 {
+            load.latency(0.99).as_secs_f64() / base
+        } else {
+            f64::INFINITY
+        };
+        report.findings.push(Finding {
+            scenario: scenario.into(),
+            what: "p99 vs Health/Check".into(),
+            value: p99,
+            shown: format!("{p99:.2}x"),
+            target: Some(format!("at most {max_p99}x")),
+            met: Some(p99 <= max_p99),
+        });
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn main_scenario(
+    args: &BenchArgs,
+    scenario: Scenario,
+    config: &Config,
+    cl: &Arc<Vec<Client>>,
+    emulator: &Emulator,
+    identities: &[Uuid],
+    baseline: Baseline,
+    label: &str,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let name = scenario.name();
+    match scenario {
+        Scenario::ResolveCached => {
+            let tokens = Arc::new(new_sessions(emulator, identities, args.session_pool.max(1)));
+            let before = OryCalls::snapshot(emulator);
+            let warm = resolve_all(args, cl.clone(), tokens.clone()).await;
+            anyhow::ensure!(
+                warm.errors == 0,
+                "warming resolve-cached failed: {:?}",
+                warm.first_error
+            );
+            report.note(format!(
+                "resolve-cached: {} sessions warmed first with {} whoami calls",
+                tokens.len(),
+                OryCalls::snapshot(emulator).since(before).whoami
+            ));
+            let load = measure(
+                args,
+                name,
+                label,
+                resolve(cl.clone(), tokens, false),
+                Some(emulator),
+                Some(baseline),
+                report,
+            )
+            .await;
+            ratio_finding(report, name, &load, baseline, 0.8, Some(1.5));
+        }
+        Scenario::ResolveUncached => {
+            // Enough new sessions for a generous rate; running out ends the run early (reported).
+            let n = (20_000.0 * (args.warmup + args.duration).as_secs_f64()).ceil() as usize;
+            let tokens = Arc::new(new_sessions(emulator, identities, n.max(1)));
+            report.note(format!(
+                "resolve-uncached: {} new sessions created in the emulator beforehand; every call is a cache miss and one whoami call (emulator over HTTP on this machine)",
+                tokens.len()
+            ));
+            let load = measure(
+                args,
+                name,
+                label,
+                resolve(cl.clone(), tokens, true),
+                Some(emulator),
+                Some(baseline),
+                report,
+            )
+            .await;
+            if let Some(ory) = load.ory {
+                report.findings.push(Finding {
+                    scenario: name.into(),
+                    what: "whoami calls per measured request".into(),
+                    value: ory.whoami as f64 / load.requests.max(1) as f64,
+                    shown: format!("{:.3}", ory.whoami as f64 / load.requests.max(1) as f64),
+                    target: None,
+                    met: None,
+                });
+            }
+        }
+        Scenario::GetByOryId | Scenario::GetByExternalId => {
+            let warm = args.users.min(config.cache.user_max_entries);
+            if warm < args.users {
+                report.note(format!(
+                    "{name}: only {warm} of {} users fit the user cache; the warm lookups pick among those",
+                    args.users
+                ));
+            }
+            warm_users(cl, warm).await?;
+            let make = if scenario == Scenario::GetByOryId {
+                get_by_ory_id(cl.clone(), warm)
+            } else {
+                get_by_external_id(cl.clone(), warm)
+            };
+            let load = measure(
+                args,
+                name,
+                label,
+                make,
+                Some(emulator),
+                Some(baseline),
+                report,
+            )
+            .await;
+            ratio_finding(report, name, &load, baseline, 0.8, None);
+        }
+        Scenario::BatchGet => {
+            let size = args.batch_size.clamp(1, crate::service::MAX_BATCH_IDS);
+            let label = format!("{label}; {size} ids per call");
+            measure(
+                args,
+                name,
+                &label,
+                batch_get(cl.clone(), args.users, size),
+                Some(emulator),
+                Some(baseline),
+                report,
+            )
+            .await;
+        }
+        Scenario::Link => {
+            let n = (4_000.0 * (args.warmup + args.duration).as_secs_f64()).ceil() as usize;
+            let fresh = Arc::new(env::fresh_identities(emulator, n.max(1))?);
+            report.note(format!(
+                "link: {} identities idmap never saw, created in the emulator beforehand; each LinkIdentity reads the identity from Ory and queues a metadata_public.id write (outbox) that the worker delivers during the run",
+                fresh.len()
+            ));
+            let clients = cl.clone();
+            let make: MakeCall = Arc::new(move |conn, seq| {
+                let id = *fresh.get(usize::try_from(seq).ok()?)?;
+                let mut c = clients[conn].clone();
+                boxed(async move {
+                    c.link_identity(api::LinkIdentityRequest {
+                        ory_identity_id: id.to_string(),
+                        user_id: String::new(),
+                        external_id: format!("bench-link-{seq}"),
+                    })
+                    .await?;
+                    Ok(())
+                })
+            });
+            measure(
+                args,
+                name,
+                label,
+                make,
+                Some(emulator),
+                Some(baseline),
+                report,
+            )
+            .await;
+        }
+        Scenario::Coalesce => coalesce(args, cl, emulator, identities, report).await?,
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Fires `--coalesce-callers` ResolveSession calls with one new token at once, per round, and
+/// counts the whoami calls.
+async fn coalesce(
+    args: &BenchArgs,
+    cl: &Arc<Vec<Client>>,
+    emulator: &Emulator,
+    identities: &[Uuid],
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let name = Scenario::Coalesce.name();
+    eprintln!("bench: {name}");
+    let callers = args.coalesce_callers.max(1);
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    let mut per_round = Vec::new();
+    let started = Instant::now();
+    for _ in 0..args.coalesce_rounds.max(1) {
+        let token = new_sessions(emulator, identities, 1)
+            .pop()
+            .unwrap_or_default();
+        emulator.inject_fault(Route::Whoami, Fault::delay_only(args.coalesce_whoami_delay));
+        let before = OryCalls::snapshot(emulator);
+        let barrier = Arc::new(tokio::sync::Barrier::new(callers));
+        let mut tasks = Vec::with_capacity(callers);
+        for i in 0..callers {
+            let mut c = cl[i % cl.len()].clone();
+            let token = token.clone();
+            let barrier = barrier.clone();
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                let t0 = Instant::now();
+                let r = c
+                    .resolve_session(api::ResolveSessionRequest {
+                        credential: Some(resolve_session_request::Credential::SessionToken(token)),
+                    })
+                    .await;
+                (t0.elapsed(), r.is_ok())
+            }));
+        }
+        for task in tasks {
+            match task.await {
+                Ok((latency, ok)) => {
+                    latencies.push(latency);
+                    if !ok {
+                        errors += 1;
+                    }
+                }
+                Err(_) => errors += 1,
+            }
+        }
+        emulator.clear_faults();
+        per_round.push(OryCalls::snapshot(emulator).since(before).whoami);
+    }
+    let mut load = LoadResult::from_latencies(&latencies, errors, started.elapsed());
+    load.ory = Some(OryCalls {
+        whoami: per_round.iter().sum(),
+        ..OryCalls::default()
+    });
+    report.rows.push(Row {
+        scenario: name.into(),
+        server: format!(
+            "{callers} callers x {} rounds, whoami answered after {}",
+            per_round.len(),
+            report::format_latency(args.coalesce_whoami_delay)
+        ),
+        load,
+        baseline: None,
+        rss_bytes: report::rss_bytes(),
+    });
+    let worst = per_round.iter().copied().max().unwrap_or(0);
+    report.findings.push(Finding {
+        scenario: name.into(),
+        what: format!("whoami calls per round of {callers} concurrent calls with one new token"),
+        value: worst as f64,
+        shown: format!("{per_round:?}"),
+        target: Some("exactly 1".into()),
+        met: Some(per_round.iter().all(|n| *n == 1) && errors == 0),
+    });
+    Ok(())
+}
+
+async fn ttl_soak(
+    args: &BenchArgs,
+    base: &Config,
+    emulator: &Emulator,
+    identities: &[Uuid],
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let name = Scenario::TtlSoak.name();
+    let mut config = base.clone();
+    config.cache.session_ttl = args.soak_ttl;
+    config.cache.session_max_entries = config
+        .cache
+        .session_max_entries
+        .max(args.soak_sessions as u64);
+    config.ory.whoami_rps = None;
+    let label = format!(
+        "IDMAP_SESSION_CACHE_TTL={}, IDMAP_ORY_WHOAMI_RPS=0",
+        humantime::format_duration(args.soak_ttl)
+    );
+    let server = Server::start(config, args.server_nodelay).await?;
+    let channels = env::connect_channels(&server.addr.to_string(), args.connections).await?;
+    let cl = clients(&channels);
+    let tokens = Arc::new(new_sessions(
+        emulator,
+        identities,
+        args.soak_sessions.max(1),
+    ));
+    let plan = Plan {
+        warmup: Duration::ZERO,
+        duration: args.soak_duration,
+        ..args.plan()
+    };
+    eprintln!(
+        "bench: {name} ({label}, {} sessions for {:?})",
+        tokens.len(),
+        args.soak_duration
+    );
+    let load = load::run(plan, resolve(cl, tokens.clone(), false), Some(emulator)).await;
+    let whoami = load.ory.map_or(0, |o| o.whoami);
+    let per_session = whoami as f64 / tokens.len() as f64;
+    report.rows.push(Row {
+        scenario: name.into(),
+        server: format!(
+            "{label}; {} sessions for {}",
+            tokens.len(),
+            humantime::format_duration(args.soak_duration)
+        ),
+        load,
+        baseline: None,
+        rss_bytes: report::rss_bytes(),
+    });
+    report.findings.push(Finding {
+        scenario: name.into(),
+        what: format!(
+            "whoami calls per session ({} sessions, {} of continuous resolving, TTL {})",
+            tokens.len(),
+            humantime::format_duration(args.soak_duration),
+            humantime::format_duration(args.soak_ttl)
+        ),
+        value: per_session,
+        shown: format!("{per_session:.2} ({whoami} calls)"),
+        target: Some("at most 3 (10,000 sessions, 60 s, TTL 30 s)".into()),
+        met: Some(per_session <= 3.0),
+    });
+    drop(channels);
+    server.stop().await
+}
+
+async fn memory_per_session(
+    args: &BenchArgs,
+    base: &Config,
+    emulator: &Emulator,
+    identities: &[Uuid],
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let name = Scenario::MemoryPerSession.name();
+    let n = usize::try_from(args.sessions.max(1))?;
+    let bound = args.memory_bound.unwrap_or((args.sessions / 10).max(1));
+    eprintln!("bench: {name}: creating {n} sessions in the emulator");
+    // Created before the first reading, so the emulator's own memory for them is not counted.
+    let tokens = Arc::new(new_sessions(emulator, identities, n));
+
+    let mut config = base.clone();
+    config.ory.whoami_rps = None;
+    config.cache.session_max_entries = config.cache.session_max_entries.max(args.sessions);
+    let unbounded = Server::start(config.clone(), args.server_nodelay).await?;
+    let channels = env::connect_channels(&unbounded.addr.to_string(), args.connections).await?;
+    let before = report::rss_bytes().unwrap_or(0);
+    let fill = resolve_all(args, clients(&channels), tokens.clone()).await;
+    let after = report::rss_bytes().unwrap_or(0);
+    let per_session = after.saturating_sub(before) as f64 / n as f64;
+    report.findings.push(Finding {
+        scenario: name.into(),
+        what: format!(
+            "RSS growth per cached session (IDMAP_SESSION_CACHE_MAX_ENTRIES={}, {n} sessions resolved, {} errors; RSS {} -> {})",
+            config.cache.session_max_entries,
+            fill.errors,
+            report::format_mib(before),
+            report::format_mib(after)
+        ),
+        value: per_session,
+        shown: format!("{per_session:.0} bytes"),
+        target: Some("measured and stated".into()),
+        met: Some(fill.errors == 0 && before > 0),
+    });
+
+    // The same sessions through a second server whose cache holds only `bound` of them; the first
+    // keeps its memory, so freed memory cannot hide growth here.
+    let mut config = config;
+    config.cache.session_max_entries = bound;
+    let bounded = Server::start(config, args.server_nodelay).await?;
+    let bounded_channels =
+        env::connect_channels(&bounded.addr.to_string(), args.connections).await?;
+    let quarters = 4;
+    let start = report::rss_bytes().unwrap_or(0);
+    let mut readings = Vec::new();
+    let chunk = n.div_ceil(quarters);
+    for part in tokens.chunks(chunk) {
+        resolve_all(args, clients(&bounded_channels), Arc::new(part.to_vec())).await;
+        readings.push(report::rss_bytes().unwrap_or(0).saturating_sub(start));
+    }
+    let total = readings.last().copied().unwrap_or(0);
+    let shown = readings
+        .iter()
+        .map(|r| report::format_mib(*r))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let unbounded_growth = per_session * n as f64;
+    report.findings.push(Finding {
+        scenario: name.into(),
+        what: format!(
+            "RSS growth with IDMAP_SESSION_CACHE_MAX_ENTRIES={bound} after each quarter of the {n} sessions"
+        ),
+        value: total as f64,
+        shown: format!(
+            "{shown} (an unbounded cache grew {} for all of them)",
+            report::format_mib(unbounded_growth as u64)
+        ),
+        target: Some("bounded by the cache size".into()),
+        // Bounded: growth levels off instead of following the number of sessions.
+        met: Some((total as f64) < unbounded_growth * 0.5),
+    });
+    drop(channels);
+    drop(bounded_channels);
+    bounded.stop().await?;
+    unbounded.stop().await
+}
+
+async fn lookup_scale(
+    args: &BenchArgs,
+    base: &Config,
+    pg: &tokio_postgres::Client,
+    emulator: &Emulator,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let name = Scenario::LookupScale.name();
+    let mut config = base.clone();
+    config.cache.user_max_entries = 1;
+    let server = Server::start(config, args.server_nodelay).await?;
+    let channels = env::connect_channels(&server.addr.to_string(), args.connections).await?;
+    let cl = clients(&channels);
+    let label = "IDMAP_USER_CACHE_MAX_ENTRIES=1";
+    let small = args.users;
+    let large = args.scale_users.max(small);
+    let mut p99s = Vec::new();
+    for users in [small, large] {
+        if users == large {
+            let started = Instant::now();
+            eprintln!("bench: {name}: growing the users table to {large}");
+            env::seed_users(pg, small + 1, large).await?;
+            report.note(format!(
+                "{name}: {} more users seeded in {:.1}s (INSERT .. SELECT generate_series, then ANALYZE)",
+                large - small,
+                started.elapsed().as_secs_f64()
+            ));
+        }
+        let baseline =
+            health_baseline(args, &channels, &format!("{label}; {users} users"), report).await;
+        let by_id = measure(
+            args,
+            &format!("{name} get-by-ory-id-cold @{users}"),
+            label,
+            get_by_ory_id(cl.clone(), users),
+            Some(emulator),
+            Some(baseline),
+            report,
+        )
+        .await;
+        let by_ext = measure(
+            args,
+            &format!("{name} get-by-external-id-cold @{users}"),
+            label,
+            get_by_external_id(cl.clone(), users),
+            Some(emulator),
+            Some(baseline),
+            report,
+        )
+        .await;
+        p99s.push((by_id.latency(0.99), by_ext.latency(0.99)));
+    }
+    if let [(small_id, small_ext), (large_id, large_ext)] = p99s[..] {
+        for (what, s, l) in [
+            ("GetUserByOryId", small_id, large_id),
+            ("GetByExternalId", small_ext, large_ext),
+        ] {
+            let ratio = l.as_secs_f64() / s.as_secs_f64().max(1e-9);
+            report.findings.push(Finding {
+                scenario: name.into(),
+                what: format!("{what} p99 with {large} users vs {small} users (cold cache)"),
+                value: ratio,
+                shown: format!(
+                    "{ratio:.2}x ({} vs {})",
+                    report::format_latency(l),
+                    report::format_latency(s)
+                ),
+                target: Some("at most 1.2x (1,000,000 vs 10,000 users)".into()),
+                met: Some(ratio <= 1.2),
+            });
+        }
+    }
+    drop(channels);
+    server.stop().await
+}
+
+/// Against a server we did not start: the health baseline, and the lookups when DATABASE_URL
+/// (the target's database) lets us seed their users.
+async fn external(args: &BenchArgs, target: &str, report: &mut Report) -> anyhow::Result<()> {
+    report.note(format!(
+        "external target {target}: Ory call counts are unavailable (no in-process emulator) and RSS is the benchmark client's only"
+    ));
+    let channels = env::connect_channels(target, args.connections).await?;
+    let cl = clients(&channels);
+    let label = format!("external {target}");
+    let baseline = health_baseline(args, &channels, &label, report).await;
+    let selected = args.selected();
+    for s in selected.iter().filter(|s| s.needs_own_server()) {
+        report.note(format!(
+            "{}: skipped; it needs the in-process emulator or changed server settings",
+            s.name()
+        ));
+    }
+    let lookups: Vec<Scenario> = selected
+        .iter()
+        .copied()
+        .filter(|s| {
+            matches!(
+                s,
+                Scenario::GetByOryId | Scenario::GetByExternalId | Scenario::BatchGet
+            )
+        })
+        .collect();
+    if lookups.is_empty() {
+        return Ok(());
+    }
+    let Some(url) = &args.database_url else {
+        report.note("lookups skipped: set DATABASE_URL to the target's database so their users can be seeded");
+        return Ok(());
+    };
+    let db = Database::existing(url.clone());
+    let pg = db.client().await?;
+    env::seed_users(&pg, 1, args.users).await?;
+    for scenario in lookups {
+        let name = scenario.name();
+        let make = match scenario {
+            Scenario::GetByOryId => get_by_ory_id(cl.clone(), args.users),
+            Scenario::GetByExternalId => get_by_external_id(cl.clone(), args.users),
+            _ => batch_get(
+                cl.clone(),
+                args.users,
+                args.batch_size.clamp(1, crate::service::MAX_BATCH_IDS),
+            ),
+        };
+        let load = measure(args, name, &label, make, None, Some(baseline), report).await;
+        if scenario != Scenario::BatchGet {
+            ratio_finding(report, name, &load, baseline, 0.8, None);
+        }
+    }
+    Ok(())
+}

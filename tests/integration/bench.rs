@@ -1,0 +1,51 @@
+//! `idmap bench` runs end to end: a tiny run of a few scenarios through the same code path as the
+//! command (argument parsing included). Performance is never asserted, only that it measured.
+
+use clap::Parser;
+use idmap::cli::{Cli, Command};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_tiny_run_measures_and_coalesces_to_one_whoami() {
+    let cli = Cli::try_parse_from([
+        "idmap",
+        "bench",
+        "--duration=1s",
+        "--warmup=100ms",
+        "--concurrency=4",
+        "--connections=2",
+        "--users=100",
+        "--session-pool=10",
+        "--coalesce-callers=50",
+        "--coalesce-rounds=2",
+        "--scenario=get-by-ory-id",
+        "--scenario=resolve-cached",
+        "--scenario=coalesce",
+    ])
+    .unwrap();
+    let Command::Bench(args) = cli.command else {
+        panic!("not the bench command");
+    };
+    let report = idmap::bench::run(*args).await.unwrap();
+
+    for scenario in ["health-check (baseline)", "get-by-ory-id", "resolve-cached"] {
+        let row = report
+            .row(scenario)
+            .unwrap_or_else(|| panic!("no {scenario} row"));
+        assert!(row.load.throughput() > 0.0, "{scenario} measured nothing");
+        assert_eq!(row.load.errors, 0, "{scenario}: {:?}", row.load.first_error);
+    }
+    let resolve = report.row("resolve-cached").unwrap();
+    assert!(
+        resolve.throughput_ratio().is_some(),
+        "ratio to Health/Check"
+    );
+    assert_eq!(
+        resolve.load.ory.unwrap().whoami,
+        0,
+        "a warmed session pool makes no whoami calls"
+    );
+
+    let coalesce = report.findings_of("coalesce").next().unwrap();
+    assert_eq!(coalesce.value, 1.0, "{}", coalesce.shown);
+    assert_eq!(coalesce.met, Some(true), "{}", coalesce.shown);
+}
