@@ -6,7 +6,7 @@
 
 mod common;
 
-mod bench;
+mod backfill;
 mod binary;
 mod cache;
 mod hooks;

@@ -1,0 +1,697 @@
+//! `idmap backfill` and `idmap reconcile` against real PostgreSQL and the Kratos emulator over HTTP,
+//! driven through the library (no subprocess) except for one end-to-end run of the binary.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use diesel::sql_types::{Text, Uuid as SqlUuid};
+use diesel_async::RunQueryDsl;
+use idmap::error::Error;
+use idmap::proto::api::GetUserByOryIdRequest;
+use idmap::service::{
+    BackfillOptions, Drift, ReconcileObserver, ReconcileOptions, RetryPolicy, Stopped,
+};
+use idmap::store::BackfillCounts;
+use kratos_emulator::{Emulator, EmulatorConfig, Fault, NewIdentity, Route};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::common::*;
+
+/// Retries in milliseconds, so a test that exhausts them stays fast.
+fn quick_retry() -> RetryPolicy {
+    RetryPolicy {
+        attempts: 3,
+        min_delay: Duration::from_millis(5),
+        max_delay: Duration::from_millis(20),
+    }
+}
+
+fn options(page_size: u32) -> BackfillOptions {
+    BackfillOptions {
+        page_size,
+        retry: quick_retry(),
+        ..BackfillOptions::default()
+    }
+}
+
+/// An idmap (not serving: backfill and reconcile are commands) on `db` and `ory`, without an admin
+/// rate limit so thousands of identities take seconds.
+async fn app(db: &TestDb, ory: &Emulator) -> idmap::App {
+    let mut config = config(db, ory);
+    config.ory.admin_rps = None;
+    idmap::App::build(config).await.expect("build the app")
+}
+
+fn seed(ory: &Emulator, n: usize, prefix: &str) -> Vec<Uuid> {
+    (0..n)
+        .map(|i| identity(ory, "customer", &format!("{prefix}-{i}@example.com")))
+        .collect()
+}
+
+/// (identity id, user id) of every user.
+async fn links(db: &TestDb) -> Vec<(Uuid, Uuid)> {
+    #[derive(diesel::QueryableByName)]
+    struct Link {
+        #[diesel(sql_type = SqlUuid)]
+        ory_identity_id: Uuid,
+        #[diesel(sql_type = SqlUuid)]
+        id: Uuid,
+    }
+    let mut conn = db.conn().await;
+    let rows: Vec<Link> = diesel::sql_query("SELECT ory_identity_id, id FROM users")
+        .load(&mut conn)
+        .await
+        .unwrap();
+    rows.into_iter()
+        .map(|l| (l.ory_identity_id, l.id))
+        .collect()
+}
+
+async fn user_state(db: &TestDb, identity: Uuid) -> String {
+    #[derive(diesel::QueryableByName)]
+    struct State {
+        #[diesel(sql_type = Text)]
+        state: String,
+    }
+    let mut conn = db.conn().await;
+    let row: State = diesel::sql_query("SELECT state FROM users WHERE ory_identity_id = $1")
+        .bind::<SqlUuid, _>(identity)
+        .get_result(&mut conn)
+        .await
+        .unwrap();
+    row.state
+}
+
+async fn user_of(db: &TestDb, identity: Uuid) -> Uuid {
+    links(db)
+        .await
+        .into_iter()
+        .find(|(i, _)| *i == identity)
+        .map(|(_, u)| u)
+        .unwrap_or_else(|| panic!("identity {identity} has no user"))
+}
+
+async fn execute(db: &TestDb, sql: &str) {
+    use diesel_async::SimpleAsyncConnection;
+    db.conn().await.batch_execute(sql).await.unwrap();
+}
+
+/// Does what the outbox worker of a running `idmap serve` would: writes every queued
+/// `metadata_public.id` into Ory and removes the rows.
+async fn deliver_outbox(db: &TestDb, ory: &Emulator) {
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = SqlUuid)]
+        ory_identity_id: Uuid,
+        #[diesel(sql_type = SqlUuid)]
+        user_id: Uuid,
+    }
+    let mut conn = db.conn().await;
+    let rows: Vec<Row> = diesel::sql_query("SELECT ory_identity_id, user_id FROM ory_outbox")
+        .load(&mut conn)
+        .await
+        .unwrap();
+    for row in rows {
+        set_metadata_id(ory, row.ory_identity_id, &row.user_id.to_string());
+    }
+    execute(db, "DELETE FROM ory_outbox").await;
+}
+
+fn set_metadata_id(ory: &Emulator, identity: Uuid, id: &str) {
+    let current = ory.identity(identity).unwrap()["metadata_public"].clone();
+    let mut metadata = if current.is_object() {
+        current
+    } else {
+        json!({})
+    };
+    metadata["id"] = json!(id);
+    ory.patch_identity(
+        identity,
+        &json!([{"op": "add", "path": "/metadata_public", "value": metadata}]),
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_of_thousands_resumes_after_interruptions_without_duplicates_or_misses() {
+    let db = TestDb::new().await;
+    let ory = emulator().await;
+    let seeded: HashSet<Uuid> = seed(&ory, 3000, "bulk").into_iter().collect();
+    let app = app(&db, &ory).await;
+    let mapper = app.mapper();
+    let options = options(100);
+
+    // 1. Ctrl-C after five pages.
+    let cancel = CancellationToken::new();
+    let stop_after_5 = |c: &BackfillCounts| {
+        if c.pages == 5 {
+            cancel.cancel();
+        }
+    };
+    let first = mapper
+        .backfill(&options, &stop_after_5, &cancel)
+        .await
+        .unwrap();
+    assert_eq!(first.stopped, Some(Stopped::Interrupted));
+    assert_eq!(first.counts.pages, 5);
+    assert_eq!(first.counts.created, 500);
+    assert_eq!(db.count("SELECT count(*) FROM users").await, 500);
+    assert!(!first.is_success());
+
+    // 2. Resumed, until Ory fails for longer than the retries last (from page 12 on).
+    let pages_before = ory.calls(Route::AdminRead);
+    let fail_after_12 = |c: &BackfillCounts| {
+        if c.pages == 12 {
+            ory.inject_fault(Route::AdminRead, Fault::status(503));
+        }
+    };
+    let second = mapper
+        .backfill(&options, &fail_after_12, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&second.stopped, Some(Stopped::Failed(why)) if why.contains("503")),
+        "{:?}",
+        second.stopped
+    );
+    assert!(second.resumed_from.is_some());
+    assert_eq!(second.counts.pages, 12);
+    assert_eq!(second.counts.created, 1200);
+    // Seven pages, then the failing page tried as often as the policy allows.
+    assert_eq!(ory.calls(Route::AdminRead) - pages_before, 7 + 3);
+    assert_eq!(db.count("SELECT count(*) FROM users").await, 1200);
+
+    // 3. Ory recovers, with a few passing failures left: the run rides them out and finishes.
+    ory.clear_faults();
+    ory.inject_fault(Route::AdminRead, Fault::status(500).times(1));
+    ory.inject_fault(Route::AdminRead, Fault::rate_limited(1).times(1));
+    let started = tokio::time::Instant::now();
+    let third = mapper
+        .backfill(
+            &options,
+            &|_: &BackfillCounts| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert!(third.is_success(), "{third:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After was not honoured"
+    );
+    assert_eq!(
+        third.counts,
+        BackfillCounts {
+            pages: 30,
+            scanned: 3000,
+            created: 3000,
+            already_linked: 0,
+            queued: 0,
+            drifted: 0,
+            failed: 0,
+        }
+    );
+
+    // No duplicate and no miss: exactly one user per identity, and one metadata write queued each.
+    let linked = links(&db).await;
+    assert_eq!(linked.len(), 3000);
+    let identities: HashSet<Uuid> = linked.iter().map(|(i, _)| *i).collect();
+    assert_eq!(identities, seeded);
+    assert_eq!(
+        db.count("SELECT count(*) FROM ory_outbox WHERE kind = 'set_metadata_public_id'")
+            .await,
+        3000
+    );
+    assert_eq!(
+        db.count(
+            "SELECT count(*) FROM backfill_runs WHERE finished_at IS NOT NULL AND cursor IS NULL"
+        )
+        .await,
+        1
+    );
+
+    // A later run starts over and finds everything linked; the write already queued absorbs the
+    // new one.
+    let again = mapper
+        .backfill(
+            &options,
+            &|_: &BackfillCounts| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert!(again.resumed_from.is_none());
+    assert_eq!(again.counts.created, 0);
+    assert_eq!(again.counts.queued, 3000);
+    assert_eq!(db.count("SELECT count(*) FROM ory_outbox").await, 3000);
+    assert_eq!(db.count("SELECT count(*) FROM users").await, 3000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_restart_starts_over_and_dry_run_writes_nothing() {
+    let db = TestDb::new().await;
+    let ory = emulator().await;
+    seed(&ory, 60, "dry");
+    let app = app(&db, &ory).await;
+    let mapper = app.mapper();
+
+    let dry = BackfillOptions {
+        dry_run: true,
+        ..options(25)
+    };
+    let report = mapper
+        .backfill(&dry, &|_: &BackfillCounts| {}, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(report.is_success());
+    assert_eq!(report.counts.pages, 3);
+    assert_eq!(report.counts.scanned, 60);
+    assert_eq!(report.counts.created, 60);
+    for table in ["users", "ory_outbox", "backfill_runs", "pending_users"] {
+        assert_eq!(
+            db.count(&format!("SELECT count(*) FROM {table}")).await,
+            0,
+            "dry run wrote to {table}"
+        );
+    }
+    assert!(idmap::backfill::backfill_summary(&report).contains("nothing was written"));
+
+    // Interrupted after one page; --restart ignores the saved place and walks from the start.
+    let cancel = CancellationToken::new();
+    let stop = |_: &BackfillCounts| cancel.cancel();
+    mapper.backfill(&options(25), &stop, &cancel).await.unwrap();
+    let restart = BackfillOptions {
+        restart: true,
+        ..options(25)
+    };
+    let report = mapper
+        .backfill(
+            &restart,
+            &|_: &BackfillCounts| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert!(report.is_success());
+    assert!(report.resumed_from.is_none());
+    assert_eq!(report.counts.pages, 3);
+    assert_eq!(report.counts.scanned, 60);
+    assert_eq!(report.counts.created, 35);
+    assert_eq!(report.counts.already_linked + report.counts.queued, 25);
+    assert_eq!(db.count("SELECT count(*) FROM users").await, 60);
+    assert_eq!(
+        db.count("SELECT count(*) FROM backfill_runs WHERE finished_at IS NULL")
+            .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_skips_correct_identities_and_goes_through_the_link_path() {
+    let db = TestDb::new().await;
+    let ory = emulator().await;
+    let correct = seed(&ory, 20, "correct");
+    let app = app(&db, &ory).await;
+    let mapper = app.mapper();
+    let quiet = |_: &BackfillCounts| {};
+    let never = CancellationToken::new();
+
+    // Linked, and Ory has the ids: the state a finished backfill plus the outbox leaves.
+    mapper.backfill(&options(8), &quiet, &never).await.unwrap();
+    deliver_outbox(&db, &ory).await;
+
+    // Now some that need work:
+    // - linked, but metadata_public.id was removed in Ory (other keys kept);
+    let lost = correct[0];
+    ory.patch_identity(
+        lost,
+        &json!([{"op": "add", "path": "/metadata_public", "value": {"theme": "dark"}}]),
+    )
+    .unwrap();
+    // - linked, but metadata_public.id names another user (left to reconcile);
+    let elsewhere = correct[1];
+    set_metadata_id(&ory, elsewhere, &Uuid::new_v4().to_string());
+    // - new, carrying an id from an earlier idmap (a restored database): adopted, nothing queued;
+    let restored_user = Uuid::now_v7();
+    let restored = id_of(&ory.create_identity(NewIdentity {
+        schema_id: "employee".into(),
+        traits: json!({"email": "restored@example.com"}),
+        metadata_public: Some(json!({"id": restored_user.to_string()})),
+        ..NewIdentity::default()
+    }));
+    // - new, whose id the pre-persist hook reserved: the pending user is claimed;
+    let reservation = mapper.reserve_user("customer", None).await.unwrap();
+    let registered = id_of(&ory.create_identity(NewIdentity {
+        schema_id: "customer".into(),
+        traits: json!({"email": "registered@example.com"}),
+        metadata_public: Some(json!({"id": reservation.user_id().to_string()})),
+        ..NewIdentity::default()
+    }));
+    // - new and deactivated: its user records that.
+    let inactive = id_of(&ory.create_identity(NewIdentity {
+        schema_id: "customer".into(),
+        traits: json!({"email": "inactive@example.com"}),
+        state: Some("inactive".into()),
+        ..NewIdentity::default()
+    }));
+    assert_eq!(db.count("SELECT count(*) FROM pending_users").await, 1);
+
+    let report = mapper.backfill(&options(8), &quiet, &never).await.unwrap();
+    assert!(report.is_success(), "{report:?}");
+    assert_eq!(report.counts.scanned, 23);
+    assert_eq!(report.counts.already_linked, 18);
+    assert_eq!(report.counts.queued, 1);
+    assert_eq!(report.counts.drifted, 1);
+    assert_eq!(report.counts.created, 3);
+    let summary = idmap::backfill::backfill_summary(&report);
+    assert!(summary.contains("already linked:  18"), "{summary}");
+
+    assert_eq!(user_of(&db, restored).await, restored_user);
+    assert_eq!(
+        user_of(&db, registered).await.to_string(),
+        reservation.user_id().to_string()
+    );
+    assert_eq!(db.count("SELECT count(*) FROM pending_users").await, 0);
+    assert_eq!(user_state(&db, inactive).await, "inactive");
+    assert_eq!(user_state(&db, restored).await, "active");
+
+    // Writes were queued only where Ory lacks the right id: the lost one and the inactive one.
+    let mut conn = db.conn().await;
+    #[derive(diesel::QueryableByName)]
+    struct Queued {
+        #[diesel(sql_type = SqlUuid)]
+        ory_identity_id: Uuid,
+    }
+    let queued: HashSet<Uuid> = diesel::sql_query("SELECT ory_identity_id FROM ory_outbox")
+        .load::<Queued>(&mut conn)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|q| q.ory_identity_id)
+        .collect();
+    assert_eq!(queued, HashSet::from([lost, inactive]));
+}
+
+/// Collects the lines `idmap reconcile` would print.
+#[derive(Default)]
+struct Lines(Mutex<Vec<String>>);
+
+impl ReconcileObserver for Lines {
+    fn drift(&self, drift: &Drift, repair: Option<&Result<(), Error>>) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(idmap::backfill::drift_line(drift, repair));
+    }
+}
+
+impl Lines {
+    fn take(&self) -> Vec<String> {
+        let mut lines = std::mem::take(&mut *self.0.lock().unwrap());
+        lines.sort();
+        lines
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_reports_then_fixes_every_kind_of_drift() {
+    let db = TestDb::new().await;
+    let ory = emulator().await;
+    let ids = seed(&ory, 40, "rec");
+    let app = app(&db, &ory).await;
+    let mapper = app.mapper();
+    let never = CancellationToken::new();
+    mapper
+        .backfill(&options(16), &|_: &BackfillCounts| {}, &never)
+        .await
+        .unwrap();
+    deliver_outbox(&db, &ory).await;
+    let report_only = ReconcileOptions {
+        page_size: 16,
+        fix: false,
+        retry: quick_retry(),
+    };
+    let fix = ReconcileOptions {
+        fix: true,
+        ..report_only.clone()
+    };
+
+    // In step: nothing to report.
+    let lines = Lines::default();
+    let clean = mapper
+        .reconcile(&report_only, &lines, &never)
+        .await
+        .unwrap();
+    assert_eq!(clean.drift_total(), 0, "{:?}", lines.take());
+    assert_eq!((clean.identities, clean.users), (40, 40));
+
+    let [deleted, inactive, missing, elsewhere, returned] =
+        [ids[0], ids[1], ids[2], ids[3], ids[4]];
+    assert!(ory.delete_identity(deleted));
+    ory.set_identity_state(inactive, "inactive");
+    ory.patch_identity(
+        missing,
+        &json!([{"op": "remove", "path": "/metadata_public/id"}]),
+    )
+    .unwrap();
+    let stranger = Uuid::new_v4().to_string();
+    set_metadata_id(&ory, elsewhere, &stranger);
+    // Recorded deleted by an earlier run, but the identity is there (restored from a backup).
+    execute(
+        &db,
+        &format!("UPDATE users SET state = 'deleted' WHERE ory_identity_id = '{returned}'"),
+    )
+    .await;
+    // An identity nobody linked yet is counted, not repaired (backfill's job).
+    identity(&ory, "customer", "unlinked@example.com");
+
+    let user = |i: Uuid| {
+        let db = &db;
+        async move { user_of(db, i).await }
+    };
+    let expected = vec![
+        format!(
+            "deleted: user {} identity {deleted}: Ory has no such identity",
+            user(deleted).await
+        ),
+        format!(
+            "inactive: user {} identity {inactive}: user is active, identity is inactive",
+            user(inactive).await
+        ),
+        format!(
+            "metadata-elsewhere: user {} identity {elsewhere}: metadata_public.id is \"{stranger}\"",
+            user(elsewhere).await
+        ),
+        format!(
+            "metadata-missing: user {} identity {missing}: metadata_public.id is not set",
+            user(missing).await
+        ),
+        format!(
+            "reactivated: user {} identity {returned}: user is deleted, identity is active",
+            user(returned).await
+        ),
+    ];
+
+    // Report only: every drift once, nothing written.
+    let report = mapper
+        .reconcile(&report_only, &lines, &never)
+        .await
+        .unwrap();
+    assert_eq!(lines.take(), expected);
+    assert_eq!(report.drift_total(), 5);
+    assert_eq!(report.unlinked, 1);
+    assert_eq!((report.fixed, report.failed), (0, 0));
+    assert!(report.stopped.is_none());
+    assert_eq!(user_state(&db, deleted).await, "active");
+    assert_eq!(user_state(&db, returned).await, "deleted");
+    assert_eq!(db.count("SELECT count(*) FROM ory_outbox").await, 0);
+    let summary = idmap::backfill::reconcile_summary(&report);
+    assert!(summary.contains("deleted:            1"), "{summary}");
+    assert!(summary.contains("unlinked:           1"), "{summary}");
+
+    // --fix: the same drifts, each repaired.
+    let fixed = mapper.reconcile(&fix, &lines, &never).await.unwrap();
+    let repaired: Vec<String> = expected.iter().map(|l| format!("{l} [fixed]")).collect();
+    assert_eq!(lines.take(), repaired);
+    assert_eq!((fixed.fixed, fixed.failed), (5, 0));
+    assert_eq!(user_state(&db, deleted).await, "deleted");
+    assert_eq!(user_state(&db, inactive).await, "inactive");
+    assert_eq!(user_state(&db, returned).await, "active");
+    // Ory is not written inline: the metadata repairs wait in the outbox, naming the linked users.
+    assert_eq!(
+        ory.identity(elsewhere).unwrap()["metadata_public"]["id"],
+        json!(stranger)
+    );
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM ory_outbox o JOIN users u ON u.id = o.user_id \
+             AND u.ory_identity_id = o.ory_identity_id \
+             WHERE o.ory_identity_id IN ('{missing}', '{elsewhere}')"
+        ))
+        .await,
+        2
+    );
+    assert_eq!(db.count("SELECT count(*) FROM ory_outbox").await, 2);
+
+    // Once the outbox has delivered, all is in step; the deleted user is not asked about again.
+    deliver_outbox(&db, &ory).await;
+    ory.reset_calls();
+    let clean = mapper
+        .reconcile(&report_only, &lines, &never)
+        .await
+        .unwrap();
+    assert_eq!(clean.drift_total(), 0, "{:?}", lines.take());
+    assert_eq!(
+        ory.calls(Route::AdminRead),
+        3,
+        "one call per page, nothing else"
+    );
+
+    // The deactivated identity is reactivated in Ory: its user follows.
+    ory.set_identity_state(inactive, "active");
+    let report = mapper.reconcile(&fix, &lines, &never).await.unwrap();
+    assert_eq!(
+        lines.take(),
+        vec![format!(
+            "reactivated: user {} identity {inactive}: user is inactive, identity is active [fixed]",
+            user(inactive).await
+        )]
+    );
+    assert_eq!(report.fixed, 1);
+    assert_eq!(user_state(&db, inactive).await, "active");
+
+    // The RPCs return the state.
+    let server = TestServer::start(config(&db, &ory)).await;
+    let found = server
+        .client
+        .clone()
+        .get_user_by_ory_id(GetUserByOryIdRequest {
+            ory_identity_id: deleted.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(found.state, "deleted");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_confirms_a_missing_identity_before_marking_it_deleted() {
+    let db = TestDb::new().await;
+    let ory = emulator().await;
+    let ids = seed(&ory, 5, "confirm");
+    let app = app(&db, &ory).await;
+    let mapper = app.mapper();
+    let never = CancellationToken::new();
+    mapper
+        .backfill(&options(10), &|_: &BackfillCounts| {}, &never)
+        .await
+        .unwrap();
+    deliver_outbox(&db, &ory).await;
+    assert!(ory.delete_identity(ids[0]));
+
+    // Ory cannot answer the confirming GET: the user is counted as failed, not marked deleted.
+    let lines = Lines::default();
+    let fix = ReconcileOptions {
+        page_size: 10,
+        fix: true,
+        retry: quick_retry(),
+    };
+    ory.inject_fault(Route::AdminRead, Fault::delay_only(Duration::ZERO).times(1));
+    ory.inject_fault(Route::AdminRead, Fault::status(502).times(3));
+    let report = mapper.reconcile(&fix, &lines, &never).await.unwrap();
+    assert_eq!((report.failed, report.drift_total()), (1, 0));
+    assert_eq!(user_state(&db, ids[0]).await, "active");
+
+    // With Ory answering, the 404 is confirmed and recorded.
+    let report = mapper.reconcile(&fix, &lines, &never).await.unwrap();
+    assert_eq!((report.failed, report.fixed), (0, 1));
+    assert_eq!(user_state(&db, ids[0]).await, "deleted");
+}
+
+mod binary {
+    use std::process::{Command, Stdio};
+
+    use secrecy::ExposeSecret;
+
+    use super::*;
+
+    fn idmap(args: &[&str], db: &TestDb, ory: &Emulator) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_idmap"));
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "warn")
+            .env("DATABASE_URL", db.url().expose_secret())
+            .env("ORY_PUBLIC_URL", ory.url())
+            .env("IDMAP_ORY_ADMIN_RPS", "0")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    async fn run(mut cmd: Command) -> (i32, String, String) {
+        let out = tokio::task::spawn_blocking(move || cmd.output().expect("run idmap"))
+            .await
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idmap_backfill_and_reconcile_print_a_summary_and_exit_accordingly() {
+        let db = TestDb::new().await;
+        let ory = emulator().await;
+        seed(&ory, 30, "bin");
+
+        let (code, stdout, stderr) = run(idmap(&["backfill", "--page-size", "7"], &db, &ory)).await;
+        assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+        for line in [
+            "scanned:         30",
+            "created:         30",
+            "already linked:  0",
+            "failed:          0",
+            "status:          complete",
+        ] {
+            assert!(stdout.contains(line), "{line:?} missing from:\n{stdout}");
+        }
+        // Not a terminal: no progress bar drawn into the output.
+        assert!(!stdout.contains("identities ("), "{stdout}");
+        assert_eq!(db.count("SELECT count(*) FROM users").await, 30);
+
+        // Nothing delivered the queued writes (no `idmap serve` runs): reconcile reports 30 drifts
+        // and exits 2.
+        let (code, stdout, _) = run(idmap(&["reconcile"], &db, &ory)).await;
+        assert_eq!(code, 2, "{stdout}");
+        assert_eq!(stdout.matches("metadata-missing: user ").count(), 30);
+        assert!(stdout.contains("metadata-missing:   30"), "{stdout}");
+
+        // Ory refuses the credentials: the walk stops at once, the summary says so, exit 1.
+        let guarded = Emulator::start(
+            "127.0.0.1:0".parse().unwrap(),
+            EmulatorConfig {
+                api_key: Some("ory_pat_right".into()),
+                ..EmulatorConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        let mut cmd = idmap(&["backfill", "--restart"], &db, &guarded);
+        cmd.env("ORY_API_KEY", "ory_pat_wrong");
+        let (code, stdout, stderr) = run(cmd).await;
+        assert_eq!(code, 1, "stdout: {stdout}\nstderr: {stderr}");
+        assert!(stdout.contains("status:          stopped"), "{stdout}");
+        assert!(stderr.contains("ORY_API_KEY"), "{stderr}");
+        assert!(
+            !stderr.contains("ory_pat_wrong"),
+            "the key leaked: {stderr}"
+        );
+    }
+}
