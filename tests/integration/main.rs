@@ -7,6 +7,7 @@
 mod common;
 
 mod backfill;
+mod bench;
 mod binary;
 mod cache;
 mod hooks;
