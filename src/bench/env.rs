@@ -223,18 +223,11 @@ pub struct Server {
 
 impl Server {
     /// Builds the app and serves it on 127.0.0.1:0 (gRPC and HTTP); returns once it answers health.
-    /// With `nodelay`, the gRPC listener has TCP_NODELAY set, which Linux passes on to accepted
-    /// connections; `idmap serve` does not set it (a diagnostic, see BENCHMARKS.md).
-    pub async fn start(mut config: Config, nodelay: bool) -> anyhow::Result<Self> {
+    pub async fn start(mut config: Config) -> anyhow::Result<Self> {
         config.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         config.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         let app = crate::App::build(config).await?;
-        let socket = tokio::net::TcpSocket::new_v4()?;
-        if nodelay {
-            socket.set_nodelay(true)?;
-        }
-        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
-        let grpc = socket.listen(1024)?;
+        let grpc = TcpListener::bind("127.0.0.1:0").await?;
         let http = TcpListener::bind("127.0.0.1:0").await?;
         let addr = grpc.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();

@@ -187,11 +187,6 @@ pub struct BenchArgs {
     #[arg(long, env = "DATABASE_URL", value_name = "DATABASE_URL", hide_env_values = true, value_parser = parse_database_url)]
     pub database_url: Option<SecretString>,
 
-    /// Diagnostic: set TCP_NODELAY on the in-process server's gRPC listener (inherited by the
-    /// connections it accepts). `idmap serve` does not, so results with it are not idmap's as shipped.
-    #[arg(long)]
-    pub server_nodelay: bool,
-
     /// Append a markdown section (machine, date, command, results) to this file.
     #[arg(long, value_name = "FILE")]
     pub markdown: Option<PathBuf>,
@@ -476,9 +471,6 @@ async fn scenarios_in_process(
 ) -> anyhow::Result<()> {
     let selected = args.selected();
     let base = base_config(args, db, emulator)?;
-    if args.server_nodelay {
-        report.note("--server-nodelay: TCP_NODELAY set on the server's gRPC connections, which `idmap serve` does not do; these are not the numbers of idmap as shipped");
-    }
     let pg = db.client().await?;
     let started = Instant::now();
     env::seed_users(&pg, 1, args.users).await?;
@@ -520,7 +512,7 @@ async fn scenarios_in_process(
         report.note(format!(
             "\"{label}\": the settings given to the bench (defaults unless flags or IDMAP_* say otherwise) with {unlimited_whoami} and IDMAP_ORY_ADMIN_RPS=0, so resolve-uncached and link measure idmap, not the rate limiter (with the defaults, 100 and 50 calls/s would cap them)"
         ));
-        let server = Server::start(config.clone(), args.server_nodelay).await?;
+        let server = Server::start(config.clone()).await?;
         let channels = env::connect_channels(&server.addr.to_string(), args.connections).await?;
         let cl = clients(&channels);
         let baseline = health_baseline(args, &channels, label, report).await;
@@ -553,7 +545,7 @@ async fn scenarios_in_process(
         let label = "IDMAP_USER_CACHE_MAX_ENTRIES=1";
         let mut config = base.clone();
         config.cache.user_max_entries = 1;
-        let server = Server::start(config, args.server_nodelay).await?;
+        let server = Server::start(config).await?;
         let channels = env::connect_channels(&server.addr.to_string(), args.connections).await?;
         let cl = clients(&channels);
         let baseline = health_baseline(args, &channels, label, report).await;
@@ -878,7 +870,7 @@ async fn ttl_soak(
         "IDMAP_SESSION_CACHE_TTL={}, IDMAP_ORY_WHOAMI_RPS=0",
         humantime::format_duration(args.soak_ttl)
     );
-    let server = Server::start(config, args.server_nodelay).await?;
+    let server = Server::start(config).await?;
     let channels = env::connect_channels(&server.addr.to_string(), args.connections).await?;
     let cl = clients(&channels);
     let tokens = Arc::new(new_sessions(
@@ -944,7 +936,7 @@ async fn memory_per_session(
     let mut config = base.clone();
     config.ory.whoami_rps = None;
     config.cache.session_max_entries = config.cache.session_max_entries.max(args.sessions);
-    let unbounded = Server::start(config.clone(), args.server_nodelay).await?;
+    let unbounded = Server::start(config.clone()).await?;
     let channels = env::connect_channels(&unbounded.addr.to_string(), args.connections).await?;
     let before = report::rss_bytes().unwrap_or(0);
     let fill = resolve_all(args, clients(&channels), tokens.clone()).await;
@@ -969,7 +961,7 @@ async fn memory_per_session(
     // keeps its memory, so freed memory cannot hide growth here.
     let mut config = config;
     config.cache.session_max_entries = bound;
-    let bounded = Server::start(config, args.server_nodelay).await?;
+    let bounded = Server::start(config).await?;
     let bounded_channels =
         env::connect_channels(&bounded.addr.to_string(), args.connections).await?;
     let quarters = 4;
@@ -1017,7 +1009,7 @@ async fn lookup_scale(
     let name = Scenario::LookupScale.name();
     let mut config = base.clone();
     config.cache.user_max_entries = 1;
-    let server = Server::start(config, args.server_nodelay).await?;
+    let server = Server::start(config).await?;
     let channels = env::connect_channels(&server.addr.to_string(), args.connections).await?;
     let cl = clients(&channels);
     let label = "IDMAP_USER_CACHE_MAX_ENTRIES=1";

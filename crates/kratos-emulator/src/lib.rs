@@ -25,6 +25,7 @@ use std::{
 };
 
 use axum::Router;
+use axum::serve::ListenerExt;
 use rand::{RngExt, distr::Alphanumeric};
 use serde_json::{Value, json};
 use tokio::{
@@ -365,6 +366,10 @@ impl Emulator {
                 let _ = stopped.await;
             };
             // Serving only fails if the listener breaks; a test double has nobody to report to.
+            // Like Kratos's Go server (Go sets TCP_NODELAY by default), answer without Nagle delays.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let _ = axum::serve(listener, router)
                 .with_graceful_shutdown(shutdown)
                 .await;
