@@ -160,16 +160,31 @@ impl Caches {
         &self.settings
     }
 
-    /// The cached answer for a credential, or the result of `load`; concurrent callers with the
-    /// same key share one `load`. Errors are not cached.
-    pub async fn session<E, F>(&self, key: SessionKey, load: F) -> Result<Arc<SessionEntry>, Arc<E>>
+    /// The cached answer for a credential, or the result of `load()`; concurrent callers with the
+    /// same key share one load. Errors are not cached.
+    ///
+    /// A hit never builds the load future: loads (HTTP, SQL) are state machines of kilobytes, and
+    /// every future that contains one is copied whole each time it moves, hit or miss. So misses
+    /// run behind a `Box`, and a hit's future stays small.
+    pub async fn session<E, F, L>(
+        &self,
+        key: SessionKey,
+        load: L,
+    ) -> Result<Arc<SessionEntry>, Arc<E>>
     where
-        F: Future<Output = Result<SessionEntry, E>>,
+        L: FnOnce() -> F,
+        F: Future<Output = Result<SessionEntry, E>> + Send,
         E: Send + Sync + 'static,
     {
-        self.sessions
-            .try_get_with(key, async move { load.await.map(Arc::new) })
-            .await
+        if let Some(entry) = self.sessions.get(&key).await {
+            return Ok(entry);
+        }
+        let load = load();
+        Box::pin(
+            self.sessions
+                .try_get_with(key, async move { load.await.map(Arc::new) }),
+        )
+        .await
     }
 
     /// Remembers a valid session for stale-if-error, for `ttl` plus the stale window but never past
@@ -292,32 +307,38 @@ impl Caches {
         self.users.get(identity).await
     }
 
-    /// The cached user for an identity, or `load`'s; concurrent callers share one load. Neither
-    /// "not found" nor errors are cached, so a new user is visible at once.
-    pub async fn user_or_load<E, F>(
+    /// The cached user for an identity, or `load()`'s; concurrent callers share one load. Neither
+    /// "not found" nor errors are cached, so a new user is visible at once. As with
+    /// [`Caches::session`], only a miss builds (and boxes) the load.
+    pub async fn user_or_load<E, F, L>(
         &self,
         identity: IdentityId,
-        load: F,
+        load: L,
     ) -> Result<Option<Arc<User>>, E>
     where
-        F: Future<Output = Result<Option<User>, E>>,
+        L: FnOnce() -> F,
+        F: Future<Output = Result<Option<User>, E>> + Send,
         E: Clone + Send + Sync + 'static,
     {
-        let result = self
-            .users
-            .try_get_with(identity, async move {
-                match load.await {
-                    Ok(Some(user)) => Ok(Arc::new(user)),
-                    Ok(None) => Err(None),
-                    Err(e) => Err(Some(e)),
+        if let Some(user) = self.users.get(&identity).await {
+            return Ok(Some(user));
+        }
+        let load = load();
+        let result = Box::pin(self.users.try_get_with(identity, async move {
+            match load.await {
+                Ok(Some(user)) => {
+                    // Indexed on load only: a hit must not pay for a cache write.
+                    let user = Arc::new(user);
+                    self.remember_external_id(&user).await;
+                    Ok(user)
                 }
-            })
-            .await;
-        match result {
-            Ok(user) => {
-                self.remember_external_id(&user).await;
-                Ok(Some(user))
+                Ok(None) => Err(None),
+                Err(e) => Err(Some(e)),
             }
+        }))
+        .await;
+        match result {
+            Ok(user) => Ok(Some(user)),
             Err(miss) => match &*miss {
                 None => Ok(None),
                 Some(e) => Err(e.clone()),

@@ -17,28 +17,33 @@ pub fn timestamp(at: DateTime<Utc>) -> Timestamp {
     }
 }
 
-fn json_to_pb(value: Value) -> PbValue {
+fn json_to_pb(value: &Value) -> PbValue {
     let kind = match value {
         Value::Null => Kind::NullValue(0),
-        Value::Bool(b) => Kind::BoolValue(b),
+        Value::Bool(b) => Kind::BoolValue(*b),
         Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
-        Value::String(s) => Kind::StringValue(s),
+        Value::String(s) => Kind::StringValue(s.clone()),
         Value::Array(items) => Kind::ListValue(ListValue {
-            values: items.into_iter().map(json_to_pb).collect(),
+            values: items.iter().map(json_to_pb).collect(),
         }),
-        Value::Object(map) => Kind::StructValue(Struct {
-            fields: map.into_iter().map(|(k, v)| (k, json_to_pb(v))).collect(),
-        }),
+        Value::Object(map) => Kind::StructValue(pb_struct(map)),
     };
     PbValue { kind: Some(kind) }
 }
 
+fn pb_struct(map: &serde_json::Map<String, Value>) -> Struct {
+    Struct {
+        fields: map
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_pb(v)))
+            .collect(),
+    }
+}
+
 /// A JSON object as a `google.protobuf.Struct`; anything else (null included) has no Struct form.
-fn json_object(value: Value) -> Option<Struct> {
+fn json_object(value: &Value) -> Option<Struct> {
     match value {
-        Value::Object(map) => Some(Struct {
-            fields: map.into_iter().map(|(k, v)| (k, json_to_pb(v))).collect(),
-        }),
+        Value::Object(map) => Some(pb_struct(map)),
         _ => None,
     }
 }
@@ -69,8 +74,8 @@ impl From<&User> for api::User {
     }
 }
 
-impl From<Session> for api::Session {
-    fn from(session: Session) -> Self {
+impl From<&Session> for api::Session {
+    fn from(session: &Session) -> Self {
         let Session {
             id,
             active,
@@ -81,14 +86,16 @@ impl From<Session> for api::Session {
             authentication_methods,
         } = session;
         Self {
-            id,
-            active,
+            id: id.clone(),
+            active: *active,
             expires_at: expires_at.map(timestamp),
             authenticated_at: authenticated_at.map(timestamp),
-            authenticator_assurance_level: authenticator_assurance_level.unwrap_or_default(),
+            authenticator_assurance_level: authenticator_assurance_level
+                .clone()
+                .unwrap_or_default(),
             issued_at: issued_at.map(timestamp),
             authentication_methods: authentication_methods
-                .into_iter()
+                .iter()
                 .map(|m| {
                     let AuthenticationMethod {
                         method,
@@ -97,10 +104,10 @@ impl From<Session> for api::Session {
                         provider,
                     } = m;
                     api::AuthenticationMethod {
-                        method,
-                        aal: aal.unwrap_or_default(),
+                        method: method.clone(),
+                        aal: aal.clone().unwrap_or_default(),
                         completed_at: completed_at.map(timestamp),
-                        provider: provider.unwrap_or_default(),
+                        provider: provider.clone().unwrap_or_default(),
                     }
                 })
                 .collect(),
@@ -108,8 +115,8 @@ impl From<Session> for api::Session {
     }
 }
 
-impl From<Identity> for api::Identity {
-    fn from(identity: Identity) -> Self {
+impl From<&Identity> for api::Identity {
+    fn from(identity: &Identity) -> Self {
         let Identity {
             id,
             schema_id,
@@ -122,9 +129,9 @@ impl From<Identity> for api::Identity {
         } = identity;
         Self {
             id: id.to_string(),
-            schema_id,
-            state,
-            external_id: external_id.unwrap_or_default(),
+            schema_id: schema_id.clone(),
+            state: state.clone(),
+            external_id: external_id.clone().unwrap_or_default(),
             traits: Some(json_object(traits).unwrap_or_default()),
             metadata_public: json_object(metadata_public),
             created_at: created_at.map(timestamp),
@@ -207,15 +214,15 @@ mod tests {
 
     #[test]
     fn json_objects_become_structs_with_every_kind_of_value() {
-        let s = json_object(json!({"a": 1, "b": [true, null, "x"], "c": {"d": 2.5}})).unwrap();
+        let s = json_object(&json!({"a": 1, "b": [true, null, "x"], "c": {"d": 2.5}})).unwrap();
         assert_eq!(s.fields.len(), 3);
         assert_eq!(s.fields["a"].kind, Some(Kind::NumberValue(1.0)));
         let Some(Kind::ListValue(list)) = &s.fields["b"].kind else {
             panic!("b is not a list")
         };
         assert_eq!(list.values[1].kind, Some(Kind::NullValue(0)));
-        assert!(json_object(Value::Null).is_none());
-        assert!(json_object(json!("text")).is_none());
+        assert!(json_object(&Value::Null).is_none());
+        assert!(json_object(&json!("text")).is_none());
     }
 
     #[test]

@@ -50,8 +50,8 @@ impl IdentityService for IdentityApi {
         };
         let resolved = deadline::within(&metadata, work).await.map_err(to_status)?;
         Ok(Response::new(api::ResolveSessionResponse {
-            session: Some(resolved.session.into()),
-            identity: Some(resolved.identity.into()),
+            session: Some((&resolved.session.session).into()),
+            identity: Some((&resolved.session.identity).into()),
             user: resolved.user.as_deref().map(Into::into),
         }))
     }

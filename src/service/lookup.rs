@@ -24,7 +24,7 @@ impl IdentityMapper {
         let store = &self.store;
         Ok(self
             .caches
-            .user_or_load(id, async move { store.user_by_identity(id).await })
+            .user_or_load(id, || store.user_by_identity(id))
             .await?)
     }
 

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use super::IdentityMapper;
 use crate::cache::{CachedSession, SessionEntry, SessionKey, session_ttl};
-use crate::domain::{Credential, Identity, LinkRequest, Session, SessionWithIdentity, User};
+use crate::domain::{Credential, LinkRequest, SessionWithIdentity, User};
 use crate::error::Error;
 use crate::ory::OryError;
 
@@ -14,8 +14,8 @@ const STALE_RECHECK: Duration = Duration::from_secs(1);
 /// ResolveSession's answer.
 #[derive(Debug, Clone)]
 pub struct Resolved {
-    pub session: Session,
-    pub identity: Identity,
+    /// Shared with the session cache: a hit copies nothing.
+    pub session: Arc<SessionWithIdentity>,
     /// `None` when the identity has no user and auto-linking is off.
     pub user: Option<Arc<User>>,
 }
@@ -27,11 +27,10 @@ impl IdentityMapper {
     pub async fn resolve_session(&self, credential: &Credential) -> Result<Resolved, Error> {
         let key = credential.fingerprint();
         let entry = if self.caches.settings().session_ttl.is_zero() {
-            self.fetch_session(key, credential).await?
+            Box::pin(self.fetch_session(key, credential)).await?
         } else {
-            let load = self.fetch_session(key, credential);
             self.caches
-                .session(key, load)
+                .session(key, || self.fetch_session(key, credential))
                 .await
                 .map_err(|e| Error::from((*e).clone()))?
                 .as_ref()
@@ -49,15 +48,14 @@ impl IdentityMapper {
                     user_id: None,
                     external_id: None,
                 };
-                let outcome = self.link_seen_identity(request, &whoami.identity).await?;
+                // Boxed: the link's future is large, and only first sightings pay for it.
+                let outcome = Box::pin(self.link_seen_identity(request, &whoami.identity)).await?;
                 Some(Arc::new(outcome.user))
             }
             None => None,
         };
-        let SessionWithIdentity { session, identity } = Arc::unwrap_or_clone(whoami);
         Ok(Resolved {
-            session,
-            identity,
+            session: whoami,
             user,
         })
     }
