@@ -167,6 +167,58 @@ impl TestDb {
     }
 }
 
+/// A statement trigger that announces every change to `ory_outbox` on a channel, so tests can wait
+/// for the outbox worker's effects instead of polling for them.
+const OUTBOX_CHANGES: &str = "
+    CREATE OR REPLACE FUNCTION idmap_test_outbox_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN PERFORM pg_notify('idmap_test_outbox', ''); RETURN NULL; END $$;
+    CREATE OR REPLACE TRIGGER idmap_test_outbox_changed
+        AFTER INSERT OR UPDATE OR DELETE ON ory_outbox
+        FOR EACH STATEMENT EXECUTE FUNCTION idmap_test_outbox_changed();
+    LISTEN idmap_test_outbox;
+";
+
+impl TestDb {
+    /// Waits until the count query `sql` returns `want`, checking again after every committed
+    /// change to `ory_outbox` (PostgreSQL delivers a NOTIFY when its transaction commits, so each
+    /// check sees what changed). Panics after [`super::PATIENCE`].
+    pub async fn wait_for_outbox(&self, sql: &str, want: i64) {
+        use futures::StreamExt;
+        let (client, mut connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test database");
+        let (changed, mut changes) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = messages.next().await {
+                if let tokio_postgres::AsyncMessage::Notification(_) = message {
+                    let _ = changed.send(());
+                }
+            }
+        });
+        // Listening before the first check means no change can slip between check and wait.
+        client
+            .batch_execute(OUTBOX_CHANGES)
+            .await
+            .expect("install the outbox trigger");
+        let deadline = tokio::time::Instant::now() + super::PATIENCE;
+        loop {
+            let row = client
+                .query_one(&format!("SELECT ({sql})::bigint"), &[])
+                .await
+                .expect("count query");
+            let n: i64 = row.get(0);
+            if n == want {
+                return;
+            }
+            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                Ok(Some(())) => {}
+                _ => panic!("`{sql}` stayed {n}, never {want}"),
+            }
+        }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         let Some(server) = SERVER.get() else { return };
