@@ -190,6 +190,9 @@ pub(crate) async fn dispatch(
         if let Some(d) = fault.delay {
             tokio::time::sleep(d).await;
         }
+        if let Some(gate) = &fault.gate {
+            gate.passed().await;
+        }
         if fault.status != 0 {
             return fault_response(&fault);
         }

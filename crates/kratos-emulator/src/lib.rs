@@ -119,6 +119,36 @@ pub struct Fault {
     pub times: Option<usize>,
     /// Wait this long before answering (a slow or hanging upstream).
     pub delay: Option<Duration>,
+    /// Hold the request (after `delay`) until the gate opens: a test can let every request of a
+    /// burst arrive, then answer them all at once.
+    pub gate: Option<Gate>,
+}
+
+/// Holds requests that a fault applies to until [`Gate::open`] (see [`Fault::held`]).
+#[derive(Debug, Clone)]
+pub struct Gate(Arc<watch::Sender<bool>>);
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate(Arc::new(watch::channel(false).0))
+    }
+}
+
+impl Gate {
+    /// A closed gate.
+    pub fn new() -> Gate {
+        Gate::default()
+    }
+
+    /// Lets every held request, and every later one, through.
+    pub fn open(&self) {
+        self.0.send_replace(true);
+    }
+
+    pub(crate) async fn passed(&self) {
+        let mut open = self.0.subscribe();
+        let _ = open.wait_for(|o| *o).await;
+    }
 }
 
 impl Fault {
@@ -130,6 +160,7 @@ impl Fault {
             body: Some(herodot::generic(code, None)),
             times: None,
             delay: None,
+            gate: None,
         }
     }
 
@@ -153,6 +184,19 @@ impl Fault {
             body: None,
             times: None,
             delay: Some(d),
+            gate: None,
+        }
+    }
+
+    /// Only hold requests until `gate` opens, then answer normally.
+    pub fn held(gate: &Gate) -> Fault {
+        Fault {
+            status: 0,
+            headers: Vec::new(),
+            body: None,
+            times: None,
+            delay: None,
+            gate: Some(gate.clone()),
         }
     }
 

@@ -6,7 +6,7 @@
 use std::{collections::HashSet, time::Duration};
 
 use kratos_emulator::{
-    Emulator, EmulatorConfig, Fault, NewIdentity, NewSession, RequiredAal, Route,
+    Emulator, EmulatorConfig, Fault, Gate, NewIdentity, NewSession, RequiredAal, Route,
 };
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{Value, json};
@@ -1114,6 +1114,7 @@ async fn faults_and_counters() {
             body: Some(json!({"error": {"code": 500, "message": "boom"}})),
             times: Some(1),
             delay: None,
+            gate: None,
         }
         .delay(Duration::from_millis(50)),
     );
@@ -1121,6 +1122,31 @@ async fn faults_and_counters() {
     assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(header(&r, "x-custom"), Some("1"));
     assert_eq!(json_body(r).await["error"]["message"], "boom");
+
+    // Held until the gate opens, then the normal answer.
+    let gate = Gate::new();
+    emu.inject_fault(Route::Whoami, Fault::held(&gate).times(2));
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let request = http
+                .get(format!("{}/sessions/whoami", emu.url()))
+                .header("X-Session-Token", &s.token);
+            tokio::spawn(request.send())
+        })
+        .collect();
+    assert!(
+        emu.wait_for_calls(
+            Route::Whoami,
+            emu.calls(Route::Whoami) + 2,
+            Duration::from_secs(10)
+        )
+        .await
+    );
+    assert!(held.iter().all(|h| !h.is_finished()));
+    gate.open();
+    for h in held {
+        assert_eq!(h.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
 
     emu.reset_calls();
     assert_eq!(emu.calls(Route::Whoami), 0);
