@@ -151,8 +151,9 @@ async fn resolve_aal_too_low_is_permission_denied_with_ory_error_id() {
         .await
         .unwrap_err();
     assert_code(&err, Code::PermissionDenied);
-    let (reason, _, metadata) = error_info(&err);
+    let (reason, domain, metadata) = error_info(&err);
     assert_eq!(reason, "session_aal2_required");
+    assert_eq!(domain, "idmap");
     assert_eq!(metadata["ory_error_id"], "session_aal2_required");
     assert!(metadata["redirect_browser_to"].contains("aal=aal2"));
     assert!(err.message().contains("session_aal2_required"));
