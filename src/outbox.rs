@@ -149,9 +149,13 @@ impl OutboxWorker {
             .await?;
         let full = rows.len() as i64 == self.settings.batch_size;
         let mut rows = rows.into_iter();
+        let mut started = 0usize;
         while let Some(row) = rows.next() {
             let stopping = shutdown.is_cancelled();
-            if stopping || Instant::now() + self.settings.row_budget > lease_ends {
+            // The first row of a claim is always tried, so settings whose lease cannot fit a row
+            // budget still make progress rather than claim and release forever.
+            let no_room = started > 0 && Instant::now() + self.settings.row_budget > lease_ends;
+            if stopping || no_room {
                 let unstarted: Vec<i64> =
                     std::iter::once(row.id).chain(rows.map(|r| r.id)).collect();
                 tracing::debug!(
@@ -162,6 +166,7 @@ impl OutboxWorker {
                 self.store.release_outbox(&unstarted, true).await?;
                 return Ok(!stopping);
             }
+            started += 1;
             self.deliver(row, shutdown).await?;
         }
         Ok(full)
@@ -267,5 +272,27 @@ impl OutboxWorker {
             .min(self.settings.retry_max);
         let jitter = rand::rng().random_range(0.8..1.2);
         base.mul_f64(jitter).min(self.settings.retry_max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lease_always_has_room_for_the_slowest_delivery() {
+        for secs in [1, 5, 30, 120] {
+            let timeout = Duration::from_secs(secs);
+            let settings = OutboxSettings::default().for_ory_timeout(timeout);
+            // Two calls, each waiting up to the timeout for its turn and up to the timeout for Ory.
+            assert!(settings.row_budget >= timeout * 4, "{secs}s");
+            assert!(settings.lease >= settings.row_budget * 2, "{secs}s");
+            assert!(settings.lease >= OutboxSettings::default().lease);
+        }
+        // The defaults are what the default IDMAP_ORY_TIMEOUT gives.
+        let default = OutboxSettings::default();
+        let derived = OutboxSettings::default().for_ory_timeout(Duration::from_secs(5));
+        assert_eq!(default.row_budget, derived.row_budget);
+        assert_eq!(default.lease, derived.lease);
     }
 }
