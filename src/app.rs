@@ -82,7 +82,8 @@ impl App {
 
     /// Serves gRPC on `grpc` and HTTP on `http`, and runs the outbox worker, until `shutdown`
     /// resolves. Then health turns NOT_SERVING, new connections are refused, in-flight calls get up
-    /// to the grace period to finish, and the worker stops after its current delivery.
+    /// to the grace period to finish, and the outbox worker stops at once, giving back the rows it
+    /// holds. Everything, background tasks included, is done within the grace period.
     pub async fn serve(
         self,
         grpc: TcpListener,
@@ -107,6 +108,10 @@ impl App {
             .context("building the reflection service")?;
 
         let stop = CancellationToken::new();
+        // The worker stops when draining starts rather than after: a delivery may wait on a slow
+        // Ory for longer than the grace period, and the rows it gives back are delivered by another
+        // replica or the next start.
+        let stop_worker = stop.child_token();
         // Serve only once other replicas' evictions reach us; until then we could serve what they
         // have evicted.
         let (listening_tx, mut listening) = tokio::sync::watch::channel(false);
@@ -126,7 +131,7 @@ impl App {
                 self.config.outbox.clone(),
                 self.outbox_wakeup.clone(),
             )
-            .run(stop.child_token()),
+            .run(stop_worker.clone()),
         );
 
         let sweeper = tokio::spawn(
@@ -146,8 +151,12 @@ impl App {
         tracing::info!(grpc = ?grpc_addr, "serving");
         let draining_for_signal = draining.clone();
         let health_for_signal = health.clone();
+        let drain_started = Arc::new(std::sync::OnceLock::new());
+        let drain_started_for_signal = drain_started.clone();
         let signal = async move {
             shutdown.await;
+            drain_started_for_signal.get_or_init(tokio::time::Instant::now);
+            stop_worker.cancel();
             tracing::info!("shutting down: health NOT_SERVING, draining in-flight calls");
             health_for_signal
                 .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
@@ -178,13 +187,28 @@ impl App {
         };
 
         stop.cancel();
-        report_task("the outbox worker", worker.await);
-        report_task("the invalidation listener", listener.await);
-        report_task("the pending-user sweep", sweeper.await);
         draining.cancel();
-        match http_task.await {
-            Ok(Err(e)) => tracing::error!(error = %e, "the HTTP server failed"),
-            other => report_task("the HTTP server", other.map(|_| ())),
+        // Whatever is left shares what remains of the grace period; a task past it is abandoned
+        // (an abandoned outbox delivery only delays its row until the lease runs out).
+        let deadline = drain_started
+            .get()
+            .copied()
+            .unwrap_or_else(tokio::time::Instant::now)
+            + grace;
+        let mut worker = worker;
+        let mut listener = listener;
+        let mut sweeper = sweeper;
+        join_by(deadline, "the outbox worker", &mut worker).await;
+        join_by(deadline, "the invalidation listener", &mut listener).await;
+        join_by(deadline, "the pending-user sweep", &mut sweeper).await;
+        let mut http_task = http_task;
+        match tokio::time::timeout_at(deadline, &mut http_task).await {
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "the HTTP server failed"),
+            Ok(other) => report_task("the HTTP server", other.map(|_| ())),
+            Err(_) => {
+                tracing::warn!("HTTP calls did not finish within the grace period");
+                http_task.abort();
+            }
         }
         tracing::info!("stopped");
         result
@@ -196,6 +220,21 @@ impl App {
 /// delayed ACK (Nagle), about 40 ms on Linux; BENCHMARKS.md measured p99s of 45 ms from it.
 fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// Waits for a background task until `deadline`, then abandons it.
+async fn join_by(
+    deadline: tokio::time::Instant,
+    name: &str,
+    task: &mut tokio::task::JoinHandle<()>,
+) {
+    match tokio::time::timeout_at(deadline, &mut *task).await {
+        Ok(result) => report_task(name, result),
+        Err(_) => {
+            tracing::warn!("{name} did not stop within the grace period; abandoning it");
+            task.abort();
+        }
+    }
 }
 
 /// Logs a background task that ended abnormally. A task cancelled because the runtime is going away

@@ -324,7 +324,8 @@ impl Config {
                 retry_min: common.outbox_retry_min,
                 retry_max: common.outbox_retry_max,
                 ..OutboxSettings::default()
-            },
+            }
+            .for_ory_timeout(common.ory_timeout),
             cache: CacheSettings {
                 session_ttl: common.session_cache_ttl,
                 session_max_entries: common.session_cache_max_entries,

@@ -23,6 +23,8 @@ pub mod reason {
     pub const EXTERNAL_ID_ALREADY_SET: &str = "EXTERNAL_ID_ALREADY_SET";
     pub const ORY_UNAVAILABLE: &str = "ORY_UNAVAILABLE";
     pub const ORY_RATE_LIMITED: &str = "ORY_RATE_LIMITED";
+    pub const ORY_ADMIN_UNAUTHORIZED: &str = "ORY_ADMIN_UNAUTHORIZED";
+    pub const ORY_REDIRECTED: &str = "ORY_REDIRECTED";
     pub const DATABASE_UNAVAILABLE: &str = "DATABASE_UNAVAILABLE";
     pub const DEADLINE_EXCEEDED: &str = "DEADLINE_EXCEEDED";
     pub const INTERNAL: &str = "INTERNAL";
@@ -135,9 +137,25 @@ impl From<OryError> for Error {
                 retry_after: None,
                 detail,
             },
-            OryError::Conflict | OryError::AdminUnauthorized(_) | OryError::Protocol(_) => {
-                Self::Internal(format!("ory: {e}"))
-            }
+            // idmap's own settings are wrong: nothing the caller did, and retrying works once an
+            // operator has fixed them (the Ory client has logged what to check).
+            OryError::AdminUnauthorized(_) => Self::Unavailable {
+                reason: reason::ORY_ADMIN_UNAUTHORIZED,
+                public: "Ory refused idmap's admin API credentials; an operator must check ORY_API_KEY",
+                retry_after: None,
+                detail: e.to_string(),
+            },
+            OryError::Redirected { setting, .. } => Self::Unavailable {
+                reason: reason::ORY_REDIRECTED,
+                public: if setting == crate::config::ENV_ORY_PUBLIC_URL {
+                    "Ory redirected idmap's session check; an operator must point ORY_PUBLIC_URL at Ory's public API"
+                } else {
+                    "Ory redirected idmap's admin API call; an operator must point ORY_ADMIN_URL at Ory's admin API"
+                },
+                retry_after: None,
+                detail: e.to_string(),
+            },
+            OryError::Conflict | OryError::Protocol(_) => Self::Internal(format!("ory: {e}")),
         }
     }
 }

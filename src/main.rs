@@ -4,8 +4,14 @@ use clap::Parser;
 
 use idmap::cli::{Cli, Command};
 
+/// EX_USAGE: a setting is wrong (README "Running in production").
+const EXIT_BAD_SETTING: u8 = 64;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return parse_failure(&e),
+    };
     idmap::telemetry::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -38,7 +44,19 @@ fn main() -> ExitCode {
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
             e.downcast_ref::<idmap::cli::ConfigError>()
-                .map_or(ExitCode::FAILURE, |_| ExitCode::from(64))
+                .map_or(ExitCode::FAILURE, |_| ExitCode::from(EXIT_BAD_SETTING))
         }
+    }
+}
+
+/// `--help` and `--version` print and succeed as clap would; any other parse failure is a bad
+/// setting (a flag or environment variable clap could not accept), so it gets the documented 64
+/// instead of clap's 2.
+fn parse_failure(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let _ = e.print();
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+        _ => ExitCode::from(EXIT_BAD_SETTING),
     }
 }

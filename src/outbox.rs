@@ -3,24 +3,47 @@
 //! replicas share the work without delivering a row twice at once, and a crash only delays a row.
 //! Failures are retried with exponential backoff (Ory's `Retry-After` wins when longer); failures
 //! that retrying cannot fix are parked with their error for operators.
+//!
+//! A row is only started while its lease has room for the longest delivery can take
+//! ([`OutboxSettings::row_budget`]), so a slow Ory never lets another replica claim a row this one
+//! is still delivering; rows the lease has no room left for, and rows a stopping worker will not
+//! get to, are released (due again at once) rather than left invisible until the lease ends.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::RngExt;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::{ENV_ORY_ADMIN_URL, ENV_ORY_API_KEY};
 use crate::ory::{KratosClient, MetadataWrite, OryError};
-use crate::store::{OutboxKind, OutboxRow, Store};
+use crate::store::{OutboxKind, OutboxRow, Store, StoreError};
+
+/// Attempts a row gets when Ory rejects the write itself (400, 409, an answer that breaks Ory's
+/// contract) before it is parked: such an answer rarely changes, but a proxy's hiccup can look like
+/// one, so it is not believed the first time.
+pub const MAX_REJECTED_ATTEMPTS: i32 = 3;
+
+/// Ory calls one delivery makes: read the identity, then patch it.
+const CALLS_PER_ROW: u32 = 2;
+
+/// Time allowed per row for the store updates around its Ory calls.
+const STORE_ALLOWANCE: Duration = Duration::from_secs(5);
 
 /// Timing of the worker.
 #[derive(Debug, Clone)]
 pub struct OutboxSettings {
     /// Rows claimed per round.
     pub batch_size: i64,
-    /// How long a claimed row stays invisible to other workers.
+    /// How long a claimed row stays invisible to other workers. At least twice `row_budget`, so a
+    /// claim always has room for a delivery.
     pub lease: Duration,
+    /// The longest one row's delivery may take: its Ory calls, each waiting for its turn under the
+    /// admin rate limit and then for Ory, both bounded by IDMAP_ORY_TIMEOUT. A delivery that takes
+    /// longer is abandoned and retried.
+    pub row_budget: Duration,
     /// First retry delay; doubles per attempt.
     pub retry_min: Duration,
     /// Longest retry delay.
@@ -29,11 +52,22 @@ pub struct OutboxSettings {
     pub poll_interval: Duration,
 }
 
+impl OutboxSettings {
+    /// Sizes the row budget (and, if needed, the lease) for Ory calls bounded by `ory_timeout`.
+    pub fn for_ory_timeout(mut self, ory_timeout: Duration) -> Self {
+        // Each call may wait up to the timeout for a rate-limit token, then take up to the timeout.
+        self.row_budget = ory_timeout.saturating_mul(2 * CALLS_PER_ROW) + STORE_ALLOWANCE;
+        self.lease = self.lease.max(self.row_budget.saturating_mul(2));
+        self
+    }
+}
+
 impl Default for OutboxSettings {
     fn default() -> Self {
         Self {
             batch_size: 32,
             lease: Duration::from_secs(60),
+            row_budget: Duration::from_secs(25),
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(300),
             poll_interval: Duration::from_secs(1),
@@ -63,7 +97,8 @@ impl OutboxWorker {
         }
     }
 
-    /// Delivers until `shutdown` fires; a delivery in progress is finished first.
+    /// Delivers until `shutdown` fires. Then it stops between rows, or abandons the Ory call in
+    /// progress, and releases the rows it holds, so shutdown never waits for a slow Ory.
     pub async fn run(self, shutdown: CancellationToken) {
         tracing::debug!("outbox worker started");
         let mut store_failures: u32 = 0;
@@ -71,7 +106,7 @@ impl OutboxWorker {
             if shutdown.is_cancelled() {
                 break;
             }
-            let wait = match self.round().await {
+            let wait = match self.round(&shutdown).await {
                 Ok(more) if more => Duration::ZERO,
                 Ok(_) => {
                     store_failures = 0;
@@ -102,20 +137,46 @@ impl OutboxWorker {
         tracing::debug!("outbox worker stopped");
     }
 
-    /// Claims and delivers one batch; returns whether a full batch was claimed (more may be due).
-    async fn round(&self) -> Result<bool, crate::store::StoreError> {
+    /// Claims and delivers one batch; returns whether more may be due (a full batch was claimed, or
+    /// the lease ran short and rows were given back).
+    async fn round(&self, shutdown: &CancellationToken) -> Result<bool, StoreError> {
+        // Taken before the claim, so the lease this worker counts on ends no later than the one
+        // PostgreSQL granted.
+        let lease_ends = Instant::now() + self.settings.lease;
         let rows = self
             .store
             .claim_outbox(self.settings.batch_size, self.settings.lease)
             .await?;
         let full = rows.len() as i64 == self.settings.batch_size;
-        for row in rows {
-            self.deliver(row).await?;
+        let mut rows = rows.into_iter();
+        let mut started = 0usize;
+        while let Some(row) = rows.next() {
+            let stopping = shutdown.is_cancelled();
+            // The first row of a claim is always tried, so settings whose lease cannot fit a row
+            // budget still make progress rather than claim and release forever.
+            let no_room = started > 0 && Instant::now() + self.settings.row_budget > lease_ends;
+            if stopping || no_room {
+                let unstarted: Vec<i64> =
+                    std::iter::once(row.id).chain(rows.map(|r| r.id)).collect();
+                tracing::debug!(
+                    rows = unstarted.len(),
+                    stopping,
+                    "outbox: releasing rows this worker will not deliver"
+                );
+                self.store.release_outbox(&unstarted, true).await?;
+                return Ok(!stopping);
+            }
+            started += 1;
+            self.deliver(row, shutdown).await?;
         }
         Ok(full)
     }
 
-    async fn deliver(&self, row: OutboxRow) -> Result<(), crate::store::StoreError> {
+    async fn deliver(
+        &self,
+        row: OutboxRow,
+        shutdown: &CancellationToken,
+    ) -> Result<(), StoreError> {
         let Some(kind) = row.kind else {
             // Written by a newer replica; leave it to one that knows the kind.
             return self
@@ -130,10 +191,20 @@ impl OutboxWorker {
         match kind {
             OutboxKind::SetMetadataPublicId => {}
         }
-        let result = self
+        let write = self
             .ory
-            .set_metadata_public_id(row.ory_identity_id, row.user_id)
-            .await;
+            .set_metadata_public_id(row.ory_identity_id, row.user_id);
+        let result = tokio::select! {
+            result = tokio::time::timeout(self.settings.row_budget, write) => {
+                result.unwrap_or_else(|_| Err(OryError::Unavailable("the delivery took longer than its budget".into())))
+            }
+            () = shutdown.cancelled() => {
+                // The write may or may not have landed; delivering it again is harmless, since a
+                // delivery reads first and sends nothing when Ory already holds the id.
+                tracing::info!(identity = %row.ory_identity_id, "outbox: stopping mid-delivery; releasing the row");
+                return self.store.release_outbox(&[row.id], false).await;
+            }
+        };
         match result {
             Ok(MetadataWrite::Written | MetadataWrite::AlreadySet) => {
                 tracing::info!(
@@ -159,6 +230,18 @@ impl OutboxWorker {
                     .fail_outbox(row.id, "the identity does not exist in Ory")
                     .await
             }
+            Err(e) if !e.is_transient() && !e.is_misconfiguration() => {
+                // Ory rejected the write itself (400, 409) or broke its contract: trying again is
+                // unlikely to help, so after a few attempts the row is parked for an operator.
+                let message = e.to_string();
+                if row.attempts >= MAX_REJECTED_ATTEMPTS {
+                    tracing::error!(identity = %row.ory_identity_id, error = %e, attempts = row.attempts, "Ory keeps rejecting the write; parking it");
+                    return self.store.fail_outbox(row.id, &message).await;
+                }
+                let delay = self.backoff(row.attempts.max(1) as u32);
+                tracing::error!(identity = %row.ory_identity_id, error = %e, retry_in_ms = delay.as_millis() as u64, "Ory rejected the write; will try again before parking it");
+                self.store.retry_outbox(row.id, delay, &message).await
+            }
             Err(e) => {
                 let mut delay = self.backoff(row.attempts.max(1) as u32);
                 if let OryError::RateLimited {
@@ -167,10 +250,12 @@ impl OutboxWorker {
                 {
                     delay = delay.max(*hint);
                 }
-                if e.is_transient() {
-                    tracing::warn!(identity = %row.ory_identity_id, error = %e, retry_in_ms = delay.as_millis() as u64, "Ory write failed; will retry");
+                if e.is_misconfiguration() {
+                    // Not parked: every write queued while a setting is wrong would be stranded.
+                    // Once the operator fixes it (and restarts), the backoff's next try delivers.
+                    tracing::error!(identity = %row.ory_identity_id, error = %e, retry_in_ms = delay.as_millis() as u64, "Ory write refused; check {ENV_ORY_API_KEY} and {ENV_ORY_ADMIN_URL}; will retry");
                 } else {
-                    tracing::error!(identity = %row.ory_identity_id, error = %e, retry_in_ms = delay.as_millis() as u64, "Ory write failed; will retry");
+                    tracing::warn!(identity = %row.ory_identity_id, error = %e, retry_in_ms = delay.as_millis() as u64, "Ory write failed; will retry");
                 }
                 self.store.retry_outbox(row.id, delay, &e.to_string()).await
             }
@@ -187,5 +272,27 @@ impl OutboxWorker {
             .min(self.settings.retry_max);
         let jitter = rand::rng().random_range(0.8..1.2);
         base.mul_f64(jitter).min(self.settings.retry_max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lease_always_has_room_for_the_slowest_delivery() {
+        for secs in [1, 5, 30, 120] {
+            let timeout = Duration::from_secs(secs);
+            let settings = OutboxSettings::default().for_ory_timeout(timeout);
+            // Two calls, each waiting up to the timeout for its turn and up to the timeout for Ory.
+            assert!(settings.row_budget >= timeout * 4, "{secs}s");
+            assert!(settings.lease >= settings.row_budget * 2, "{secs}s");
+            assert!(settings.lease >= OutboxSettings::default().lease);
+        }
+        // The defaults are what the default IDMAP_ORY_TIMEOUT gives.
+        let default = OutboxSettings::default();
+        let derived = OutboxSettings::default().for_ory_timeout(Duration::from_secs(5));
+        assert_eq!(default.row_budget, derived.row_budget);
+        assert_eq!(default.lease, derived.lease);
     }
 }

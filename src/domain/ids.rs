@@ -36,7 +36,13 @@ impl UserId {
 
     /// Parses a caller-supplied id; `field` names the request field in the error.
     pub fn parse(field: &'static str, value: &str) -> Result<Self, FieldViolation> {
-        parse_uuid(field, value).map(Self)
+        let id = parse_uuid(field, value)?;
+        // The nil UUID is what an unset id looks like in many languages' defaults; as a user id it
+        // would be written to Ory and shared by whoever else made the same mistake.
+        if id.is_nil() {
+            return Err(FieldViolation::new(field, "must not be the nil UUID"));
+        }
+        Ok(Self(id))
     }
 
     pub fn from_uuid(id: Uuid) -> Self {
@@ -151,6 +157,8 @@ mod tests {
             assert!(IdentityId::parse("f", bad).is_err(), "{bad:?} accepted");
         }
         assert!(UserId::parse("f", "3f2504e0-4f89-11d3-9a0c-0305e82c33").is_err());
+        assert!(UserId::parse("f", "00000000-0000-0000-0000-000000000000").is_err());
+        assert!(UserId::parse("f", "3f2504e0-4f89-11d3-9a0c-0305e82c3301").is_ok());
     }
 
     #[test]

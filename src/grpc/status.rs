@@ -8,10 +8,13 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::error::{Error, reason};
 
-/// The `ErrorInfo.domain` of every error idmap raises.
+/// The `ErrorInfo.domain` of every error idmap raises, those that pass Ory's error id through as
+/// their reason included: callers match on one domain (the proto's contract), and the reason alone
+/// says whether it came from Ory (lower case, Ory's own id) or from idmap (upper case).
 const DOMAIN: &str = "idmap";
-/// The `ErrorInfo.domain` of errors that pass Ory's own error id through.
-const ORY_DOMAIN: &str = "ory.sh";
+
+/// PERMISSION_DENIED's reason when Ory refused the session without an error id.
+const FORBIDDEN_WITHOUT_ID: &str = "forbidden";
 
 fn info(reason: &str, metadata: HashMap<String, String>) -> ErrorDetails {
     ErrorDetails::with_error_info(reason, DOMAIN, metadata)
@@ -37,7 +40,7 @@ pub fn to_status(error: Error) -> Status {
             ory_reason,
             redirect_browser_to,
         } => {
-            let id = ory_error_id.unwrap_or_else(|| "forbidden".to_owned());
+            let id = ory_error_id.unwrap_or_else(|| FORBIDDEN_WITHOUT_ID.to_owned());
             let mut metadata = HashMap::from([("ory_error_id".to_owned(), id.clone())]);
             if let Some(url) = redirect_browser_to {
                 metadata.insert("redirect_browser_to".to_owned(), url);
@@ -46,11 +49,7 @@ pub fn to_status(error: Error) -> Status {
                 Some(r) => format!("Ory refused the session ({id}): {r}"),
                 None => format!("Ory refused the session ({id})"),
             };
-            Status::with_error_details(
-                Code::PermissionDenied,
-                message,
-                ErrorDetails::with_error_info(id, ORY_DOMAIN, metadata),
-            )
+            Status::with_error_details(Code::PermissionDenied, message, info(&id, metadata))
         }
         Error::NotFound {
             reason,

@@ -28,6 +28,19 @@ pub enum OryError {
     /// Ory refused our admin credentials (401/403 on the admin API): ORY_API_KEY is wrong or missing.
     #[error("Ory rejected the admin API credentials (check ORY_API_KEY): status {0}")]
     AdminUnauthorized(u16),
+    /// Ory answered with a redirect, which idmap never follows (a redirect could carry the session
+    /// token or API key to another host). It means `setting` names the wrong Ory URL: self-hosted
+    /// Kratos sends admin calls made on its public port to its admin URL, and whoami calls made on
+    /// its admin port to its public URL. `location` is the target without its query.
+    #[error(
+        "Ory answered {status} redirecting to {}; idmap does not follow redirects: check {setting}",
+        location.as_deref().unwrap_or("nowhere")
+    )]
+    Redirected {
+        setting: &'static str,
+        status: u16,
+        location: Option<String>,
+    },
     /// Ory answered something its contract does not allow (unexpected status or body).
     #[error("unexpected answer from Ory: {0}")]
     Protocol(String),
@@ -37,5 +50,11 @@ impl OryError {
     /// Whether trying again later can help.
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::RateLimited { .. } | Self::Unavailable(_))
+    }
+
+    /// Whether idmap's own settings are wrong (ORY_API_KEY, ORY_ADMIN_URL, ORY_PUBLIC_URL): retrying
+    /// helps only once an operator has fixed them.
+    pub fn is_misconfiguration(&self) -> bool {
+        matches!(self, Self::AdminUnauthorized(_) | Self::Redirected { .. })
     }
 }

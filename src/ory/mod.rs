@@ -21,6 +21,7 @@ use url::Url;
 pub use error::OryError;
 pub use limit::OryLimiter;
 
+use crate::config::{ENV_ORY_ADMIN_URL, ENV_ORY_API_KEY, ENV_ORY_PUBLIC_URL};
 use crate::domain::{
     Credential, CredentialKind, Identity, IdentityId, SessionWithIdentity, UserId,
 };
@@ -94,6 +95,10 @@ impl KratosClient {
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(5)))
             .pool_idle_timeout(Duration::from_secs(60))
+            // A redirect means a URL setting is wrong (Kratos's public port redirects admin calls to
+            // its admin port); following it would hide that and could carry X-Session-Token, which
+            // reqwest does not strip, to another host. `send` reports it instead.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("idmap/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| OryError::Protocol(format!("cannot build the HTTP client: {e}")))?;
@@ -120,7 +125,7 @@ impl KratosClient {
             CredentialKind::SessionToken => request.header("X-Session-Token", credential.expose()),
             CredentialKind::Cookie => request.header(header::COOKIE, credential.expose()),
         };
-        let response = send(&self.whoami_limit, request).await?;
+        let response = send(&self.whoami_limit, ENV_ORY_PUBLIC_URL, request).await?;
         match response.status() {
             StatusCode::OK => {
                 let cache_for = header_str(&response, "ory-session-cache-for")
@@ -156,7 +161,12 @@ impl KratosClient {
     #[tracing::instrument(name = "ory.get_identity", skip_all, fields(identity = %id))]
     pub async fn get_identity(&self, id: IdentityId) -> Result<Identity, OryError> {
         let url = join(&self.admin_url, &format!("admin/identities/{id}"))?;
-        let response = send(&self.admin_limit, self.admin(Method::GET, url)).await?;
+        let response = send(
+            &self.admin_limit,
+            ENV_ORY_ADMIN_URL,
+            self.admin(Method::GET, url),
+        )
+        .await?;
         match response.status() {
             StatusCode::OK => {
                 let dto: IdentityDto = read_json(response).await?;
@@ -198,6 +208,7 @@ impl KratosClient {
         let url = join(&self.admin_url, &format!("admin/identities/{id}"))?;
         let response = send(
             &self.admin_limit,
+            ENV_ORY_ADMIN_URL,
             self.admin(Method::PATCH, url).json(&[op]),
         )
         .await?;
@@ -227,7 +238,12 @@ impl KratosClient {
                 query.append_pair("page_token", token);
             }
         }
-        let response = send(&self.admin_limit, self.admin(Method::GET, url)).await?;
+        let response = send(
+            &self.admin_limit,
+            ENV_ORY_ADMIN_URL,
+            self.admin(Method::GET, url),
+        )
+        .await?;
         if response.status() != StatusCode::OK {
             return Err(unexpected(response).await);
         }
@@ -336,7 +352,12 @@ fn next_page_token(base: &Url, link: &str) -> Result<Option<String>, OryError> {
 }
 
 /// Sends a request once the limiter allows, and feeds Ory's rate-limit signals back into it.
-async fn send(limiter: &OryLimiter, request: RequestBuilder) -> Result<Response, OryError> {
+/// `setting` names the base URL the request went to, for the error a redirect gets.
+async fn send(
+    limiter: &OryLimiter,
+    setting: &'static str,
+    request: RequestBuilder,
+) -> Result<Response, OryError> {
     limiter.acquire().await?;
     let started = tokio::time::Instant::now();
     let result = request.send().await;
@@ -354,6 +375,22 @@ async fn send(limiter: &OryLimiter, request: RequestBuilder) -> Result<Response,
                 && let Some(reset) = ratelimit_reset(&response)
             {
                 limiter.back_off(reset);
+            }
+            if response.status().is_redirection() {
+                let location = header_str(&response, "location").map(|l| {
+                    // The query could be anything; the scheme, host and path say what is wrong.
+                    l.split(['?', '#']).next().unwrap_or_default().to_owned()
+                });
+                tracing::error!(
+                    status = response.status().as_u16(),
+                    location = location.as_deref().unwrap_or(""),
+                    "Ory answered with a redirect, which idmap does not follow; check {setting}"
+                );
+                return Err(OryError::Redirected {
+                    setting,
+                    status: response.status().as_u16(),
+                    location,
+                });
             }
             Ok(response)
         }
@@ -380,6 +417,11 @@ async fn unexpected(response: Response) -> OryError {
     }
     let is_admin = response.url().path().contains("/admin/");
     if is_admin && (status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN) {
+        // The operator must act; say what to check, never what was sent.
+        tracing::error!(
+            status = status.as_u16(),
+            "Ory refused idmap's admin API credentials; check {ENV_ORY_API_KEY} (and that {ENV_ORY_ADMIN_URL} is the project's admin API)"
+        );
         return OryError::AdminUnauthorized(status.as_u16());
     }
     let reason = read_json::<ErrorBody>(response)

@@ -4,7 +4,7 @@ use std::time::Duration;
 use super::IdentityMapper;
 use crate::cache::{CachedSession, SessionEntry, SessionKey, session_ttl};
 use crate::domain::{Credential, LinkRequest, SessionWithIdentity, User};
-use crate::error::Error;
+use crate::error::{Error, reason};
 use crate::ory::OryError;
 
 /// Longest a stale session is served before Ory is asked again, so a recovering Ory sees at most one
@@ -49,8 +49,26 @@ impl IdentityMapper {
                     external_id: None,
                 };
                 // Boxed: the link's future is large, and only first sightings pay for it.
-                let outcome = Box::pin(self.link_seen_identity(request, &whoami.identity)).await?;
-                Some(Arc::new(outcome.user))
+                match Box::pin(self.link_seen_identity(request, &whoami.identity)).await {
+                    Ok(outcome) => Some(Arc::new(outcome.user)),
+                    // A concurrent link (another call, replica or hook) committed a different user
+                    // for the identity after the lookup above, e.g. one named by a newer
+                    // `metadata_public.id` than this session's snapshot. That link stands; the
+                    // caller asked who the session is, not to link it, so answer with that user.
+                    Err(Error::AlreadyExists { reason: r, .. })
+                        if r == reason::IDENTITY_ALREADY_LINKED =>
+                    {
+                        let linked = self.cached_user(whoami.identity.id).await?;
+                        if linked.is_none() {
+                            return Err(Error::Internal(
+                                "the identity's link vanished right after a conflicting link"
+                                    .into(),
+                            ));
+                        }
+                        linked
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             None => None,
         };

@@ -153,6 +153,28 @@ impl Store {
         .map_err(StoreError::classify)
     }
 
+    /// Makes claimed rows due again at once, for another worker or the next start: a worker that
+    /// stops (or runs short of lease) gives back what it will not deliver instead of leaving it
+    /// invisible until the lease runs out. `undo_attempt` takes back the attempt the claim counted,
+    /// for rows that were never tried.
+    pub async fn release_outbox(&self, ids: &[i64], undo_attempt: bool) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn().await?;
+        diesel::sql_query(
+            "UPDATE ory_outbox SET next_attempt_at = now(), \
+                 attempts = CASE WHEN $2 THEN GREATEST(attempts - 1, 0) ELSE attempts END \
+             WHERE id = ANY($1) AND failed_at IS NULL",
+        )
+        .bind::<diesel::sql_types::Array<BigInt>, _>(ids)
+        .bind::<diesel::sql_types::Bool, _>(undo_attempt)
+        .execute(&mut conn)
+        .await
+        .map(|_| ())
+        .map_err(StoreError::classify)
+    }
+
     /// Parks a row that retrying cannot fix; it stays for operators to see.
     pub async fn fail_outbox(&self, id: i64, error: &str) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;

@@ -1,7 +1,8 @@
 use std::collections::HashSet;
+use std::time::Duration;
 
 use idmap::proto::api::{GetUserByOryIdRequest, LinkIdentityRequest, LinkIdentityResponse};
-use kratos_emulator::{Fault, NewIdentity, Route};
+use kratos_emulator::{EmulatorConfig, Fault, Gate, NewIdentity, Route};
 use serde_json::json;
 use tonic::Code;
 use uuid::Uuid;
@@ -260,9 +261,49 @@ async fn link_when_ory_fails_the_identity_check_is_unavailable() {
     assert_eq!(env.db.count("SELECT count(*) FROM users").await, 0);
 }
 
+/// Lets every call reach Ory before any gets its answer, so that all of them go on to PostgreSQL
+/// together: the admin rate limit is off (at its default of 50/s the reads would be 20 ms apart) and
+/// the emulator holds the identity reads until all `n` have arrived.
+async fn all_at_once<T>(
+    env: &Env,
+    n: usize,
+    calls: impl IntoIterator<Item = impl Future<Output = T> + Send + 'static>,
+) -> Vec<T>
+where
+    T: Send + 'static,
+{
+    let gate = Gate::new();
+    env.ory
+        .inject_fault(Route::AdminRead, Fault::held(&gate).times(n));
+    let before = env.ory.calls(Route::AdminRead);
+    let tasks: Vec<_> = calls.into_iter().map(tokio::spawn).collect();
+    assert_eq!(tasks.len(), n);
+    assert!(
+        env.ory
+            .wait_for_calls(Route::AdminRead, before + n as u64, PATIENCE)
+            .await,
+        "not every call reached Ory"
+    );
+    gate.open();
+    let mut results = Vec::with_capacity(n);
+    for task in tasks {
+        results.push(task.await.unwrap());
+    }
+    results
+}
+
+/// Racing calls: no admin rate limit, and a connection for each call.
+async fn race_env() -> Env {
+    Env::with(|c| {
+        c.ory.admin_rps = None;
+        c.pool.max_size = 64;
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn link_fifty_concurrent_calls_racing_for_one_external_id_have_one_winner() {
-    let env = Env::new().await;
+    let env = race_env().await;
     let identities: Vec<Uuid> = (0..50)
         .map(|i| identity(&env.ory, "customer", &format!("racer{i}@example.com")))
         .collect();
@@ -271,7 +312,7 @@ async fn link_fifty_concurrent_calls_racing_for_one_external_id_have_one_winner(
         let request = link(*id, "", "the-one-id");
         async move { call(&mut client, request).await }
     });
-    let results = futures::future::join_all(calls).await;
+    let results = all_at_once(&env, 50, calls).await;
 
     let winners: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
     assert_eq!(winners.len(), 1, "exactly one call wins");
@@ -295,17 +336,68 @@ async fn link_fifty_concurrent_calls_racing_for_one_external_id_have_one_winner(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn link_concurrent_calls_for_one_identity_create_one_user() {
-    let env = Env::new().await;
+    let env = race_env().await;
     let a = identity(&env.ory, "customer", "same@example.com");
     let calls = (0..20).map(|_| {
         let mut client = env.client();
         async move { call(&mut client, link(a, "", "")).await }
     });
-    let results = futures::future::join_all(calls).await;
+    let results = all_at_once(&env, 20, calls).await;
     let ids: HashSet<String> = results
         .into_iter()
         .map(|r| r.expect("every call succeeds").user.unwrap().id)
         .collect();
     assert_eq!(ids.len(), 1);
     assert_eq!(env.db.count("SELECT count(*) FROM users").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_nil_user_id_is_invalid_argument() {
+    let env = Env::new().await;
+    let a = identity(&env.ory, "customer", "nil@example.com");
+    let err = call(
+        &mut env.client(),
+        link(a, "00000000-0000-0000-0000-000000000000", ""),
+    )
+    .await
+    .unwrap_err();
+    assert_code(&err, Code::InvalidArgument);
+    assert_eq!(bad_fields(&err), ["user_id"]);
+    assert_eq!(env.ory.calls(Route::AdminRead), 0);
+    assert_eq!(env.db.count("SELECT count(*) FROM users").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_when_ory_times_out_is_unavailable_and_stores_nothing() {
+    let env = Env::with(|c| c.ory.timeout = Duration::from_millis(300)).await;
+    let a = identity(&env.ory, "customer", "slow@example.com");
+    // Ory answers, but long after idmap's timeout.
+    env.ory.inject_fault(
+        Route::AdminRead,
+        Fault::delay_only(Duration::from_secs(30)).times(1),
+    );
+    let err = call(&mut env.client(), link(a, "", "crm-slow"))
+        .await
+        .unwrap_err();
+    assert_code(&err, Code::Unavailable);
+    assert_eq!(error_info(&err).0, "ORY_UNAVAILABLE");
+    assert_eq!(env.db.count("SELECT count(*) FROM users").await, 0);
+    assert_eq!(env.db.count("SELECT count(*) FROM ory_outbox").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_with_an_api_key_ory_refuses_is_unavailable_naming_the_setting() {
+    const WRONG: &str = "ory_pat_wrongwrongwrongwrongwrongwrong";
+    let ory = EmulatorConfig {
+        api_key: Some("ory_pat_rightrightrightrightrightright".into()),
+        ..EmulatorConfig::default()
+    };
+    let env = Env::with_ory(ory, |c| c.ory.api_key = Some(WRONG.to_owned().into())).await;
+    let a = identity(&env.ory, "customer", "key@example.com");
+    let err = call(&mut env.client(), link(a, "", "")).await.unwrap_err();
+    assert_code(&err, Code::Unavailable);
+    assert_eq!(error_info(&err).0, "ORY_ADMIN_UNAUTHORIZED");
+    assert!(err.message().contains("ORY_API_KEY"), "{err:?}");
+    assert!(!format!("{err:?}").contains(WRONG));
+    assert_eq!(env.db.count("SELECT count(*) FROM users").await, 0);
 }

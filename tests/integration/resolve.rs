@@ -151,8 +151,9 @@ async fn resolve_aal_too_low_is_permission_denied_with_ory_error_id() {
         .await
         .unwrap_err();
     assert_code(&err, Code::PermissionDenied);
-    let (reason, _, metadata) = error_info(&err);
+    let (reason, domain, metadata) = error_info(&err);
     assert_eq!(reason, "session_aal2_required");
+    assert_eq!(domain, "idmap");
     assert_eq!(metadata["ory_error_id"], "session_aal2_required");
     assert!(metadata["redirect_browser_to"].contains("aal=aal2"));
     assert!(err.message().contains("session_aal2_required"));
@@ -352,4 +353,64 @@ async fn resolve_adopts_a_user_id_ory_already_records() {
     assert_eq!(resolved.user.unwrap().id, recorded.to_string());
     // Ory already holds the id: nothing to write.
     assert_eq!(env.db.count("SELECT count(*) FROM ory_outbox").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolve_when_ory_times_out_is_unavailable_never_unauthenticated() {
+    let env = Env::with(|c| c.ory.timeout = Duration::from_millis(300)).await;
+    let (_, session) = env.customer("timeout@example.com");
+    // Ory answers, but long after idmap's timeout.
+    env.ory.inject_fault(
+        Route::Whoami,
+        Fault::delay_only(Duration::from_secs(30)).times(1),
+    );
+    let err = env
+        .client()
+        .resolve_session(token(&session.token))
+        .await
+        .unwrap_err();
+    assert_code(&err, Code::Unavailable);
+    assert_eq!(error_info(&err).0, "ORY_UNAVAILABLE");
+    assert_eq!(env.db.count("SELECT count(*) FROM users").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolve_just_in_time_link_that_loses_a_race_answers_with_the_winner() {
+    let env = Env::new().await;
+    // Ory records a user id (say a registration hook minted it), so the just-in-time link adopts
+    // it; meanwhile another replica links the identity to a different user.
+    let recorded = uuid::Uuid::new_v4();
+    let created = env.ory.create_identity(NewIdentity {
+        schema_id: "customer".into(),
+        traits: json!({"email": "race@example.com"}),
+        identifiers: vec!["race@example.com".into()],
+        metadata_public: Some(json!({"id": recorded.to_string()})),
+        ..NewIdentity::default()
+    });
+    let identity_id = id_of(&created);
+    let session = env.ory.create_session(identity_id, NewSession::default());
+    let winner = uuid::Uuid::new_v4();
+    // The other replica's link is in flight: inserted, not yet committed. This call's lookup
+    // cannot see it, and its own insert must wait for it.
+    let other = env
+        .db
+        .begin(&format!(
+            "INSERT INTO users (id, ory_identity_id, schema_id) VALUES ('{winner}', '{identity_id}', 'customer')"
+        ))
+        .await;
+    let mut client = env.client();
+    let resolving =
+        tokio::spawn(async move { client.resolve_session(token(&session.token)).await });
+    env.db.wait_for_lock_waiter().await;
+    other.commit().await;
+
+    let user = resolving
+        .await
+        .unwrap()
+        .expect("the session resolves to the link that won")
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(user.id, winner.to_string());
+    assert_eq!(env.db.count("SELECT count(*) FROM users").await, 1);
 }

@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use idmap::proto::api::{ResolveSessionRequest, resolve_session_request::Credential};
-use kratos_emulator::{Fault, Route};
+use kratos_emulator::{Fault, Gate, Route};
 use tokio_stream::StreamExt;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -128,11 +128,10 @@ async fn shutdown_turns_health_not_serving_and_lets_in_flight_calls_finish() {
         ServingStatus::Serving
     );
 
-    // A call that Ory answers slowly is in flight when the shutdown begins.
-    env.ory.inject_fault(
-        Route::Whoami,
-        Fault::status(0).delay(Duration::from_millis(800)).times(1),
-    );
+    // A call that Ory holds on to is in flight when the shutdown begins.
+    let gate = Gate::new();
+    env.ory
+        .inject_fault(Route::Whoami, Fault::held(&gate).times(1));
     let mut client = env.client();
     let in_flight = tokio::spawn(async move {
         client
@@ -142,11 +141,7 @@ async fn shutdown_turns_health_not_serving_and_lets_in_flight_calls_finish() {
             .await
     });
     // Shut down once the call has reached Ory.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while env.ory.calls(Route::Whoami) == 0 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    assert!(env.ory.wait_for_calls(Route::Whoami, 1, PATIENCE).await);
     env.server.begin_shutdown();
 
     assert_eq!(
@@ -154,6 +149,9 @@ async fn shutdown_turns_health_not_serving_and_lets_in_flight_calls_finish() {
         ServingStatus::NotServing
     );
     drop(watch);
+    // Draining has begun and the call is still waiting for Ory; now Ory answers.
+    assert!(!in_flight.is_finished());
+    gate.open();
     let answered = in_flight.await.unwrap();
     assert!(answered.is_ok(), "in-flight call failed: {answered:?}");
     tokio::time::timeout(PATIENCE, env.server.join())

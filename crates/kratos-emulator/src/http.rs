@@ -12,7 +12,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::{
-    Emulator, Fault, RequiredAal, Route, herodot,
+    Emulator, Fault, Listener, Port, RequiredAal, Route, herodot,
     store::{ApiError, IdentityInput, Shape, UpdateInput, now},
 };
 
@@ -126,15 +126,57 @@ fn classify(path: &str) -> Target {
     Target::Admin(segments)
 }
 
+/// Kratos's `x.RedirectToAdminRoute`: the same path (without any `/admin` prefix) under the admin
+/// base URL's `/admin`, query kept, as a 307 so that the method and body are kept too. Go's
+/// `http.Redirect` adds a small HTML body to GET and HEAD answers only.
+fn redirect_to_admin(emu: &Emulator, method: &Method, uri: &Uri) -> Response {
+    let path = uri.path();
+    let rest = path.strip_prefix("/admin").unwrap_or(path);
+    let mut location = format!("{}/admin{rest}", emu.inner.admin_base_url);
+    if let Some(query) = uri.query() {
+        location.push('?');
+        location.push_str(query);
+    }
+    let get = *method == Method::GET || *method == Method::HEAD;
+    let body = if get {
+        Body::from(format!(
+            "<a href=\"{location}\">Temporary Redirect</a>.\n\n"
+        ))
+    } else {
+        Body::empty()
+    };
+    respond(
+        307,
+        get.then_some("text/html; charset=utf-8"),
+        &[("Location".into(), location)],
+        body,
+    )
+}
+
 /// The single handler: everything funnels through here so that counting and faults see every request.
 pub(crate) async fn dispatch(
-    State(emu): State<Emulator>,
+    State(Listener { emu, port }): State<Listener>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let target = classify(uri.path());
+    let target = match (classify(uri.path()), port) {
+        // Self-hosted Kratos's public port redirects admin identity calls to the admin port
+        // rather than serving them; the redirect is not an admin call, so it is neither counted
+        // nor faulted.
+        (Target::Admin(segments), Port::Public) => {
+            return if segments.first().map(String::as_str) == Some("identities") {
+                redirect_to_admin(&emu, &method, &uri)
+            } else {
+                json_err(404, &herodot::generic(404, None), &[])
+            };
+        }
+        // The admin port has no whoami; its router adds the `/admin` prefix, and
+        // `/admin/sessions/whoami` redirects to the public port.
+        (Target::Whoami, Port::Admin) => Target::Admin(vec!["sessions".into(), "whoami".into()]),
+        (target, _) => target,
+    };
     let route = match (&target, &method) {
         (Target::Whoami, _) => Route::Whoami,
         (Target::Admin(_), &Method::GET | &Method::HEAD) => Route::AdminRead,
@@ -147,6 +189,9 @@ pub(crate) async fn dispatch(
     if let Some(fault) = emu.take_fault(route) {
         if let Some(d) = fault.delay {
             tokio::time::sleep(d).await;
+        }
+        if let Some(gate) = &fault.gate {
+            gate.passed().await;
         }
         if fault.status != 0 {
             return fault_response(&fault);
@@ -685,7 +730,7 @@ fn create_identity(emu: &Emulator, body: &Bytes) -> Response {
         Ok(v) => {
             let location = format!(
                 "{}/admin/identities/{}",
-                emu.inner.base_url,
+                emu.inner.admin_base_url,
                 v["id"].as_str().unwrap_or_default()
             );
             json_ok(201, &v, &[("Location".into(), location)])

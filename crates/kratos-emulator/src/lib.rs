@@ -1,10 +1,12 @@
 //! An in-process emulator of the Ory Kratos HTTP API, served over real HTTP.
 //!
 //! It covers what idmap talks to: `/sessions/whoami` (every method) and the admin identity and
-//! session API, on one listener like Ory Network (admin paths work with and without the `/admin`
-//! prefix, like a self-hosted admin port). Behaviour follows `shared/ory/CONTRACT.md` and the
-//! Kratos OpenAPI spec; test hooks (faults, call counters, waiting for identity changes) let
-//! tests drive the failure modes Ory Network produces.
+//! session API. By default everything is on one listener like Ory Network (admin paths work with
+//! and without the `/admin` prefix, like a self-hosted admin port); with
+//! [`EmulatorConfig::separate_admin_listener`] it has self-hosted Kratos's two ports, where the
+//! public one answers admin identity paths with a 307 to the admin one. Behaviour follows
+//! `shared/ory/CONTRACT.md` and the Kratos OpenAPI spec; test hooks (faults, call counters, waiting
+//! for identity changes or calls) let tests drive the failure modes Ory Network produces.
 //!
 //! The emulator has no identity schemas. It behaves as if every schema were the
 //! email/password preset: `traits.email` and `traits.username` become password identifiers
@@ -61,6 +63,12 @@ pub struct EmulatorConfig {
     pub cacheable_sessions_max_age: Option<Duration>,
     /// `session.cookie.name`; cookies named `ory_session_*` are accepted as well.
     pub session_cookie_name: String,
+    /// Serve the admin API on a listener of its own, as self-hosted Kratos does (`serve.public`
+    /// on 4433, `serve.admin` on 4434): the public listener then answers admin identity paths
+    /// (`/identities...`, `/admin/identities...`) with Kratos's 307 to the admin listener
+    /// (`identity/handler.go`, `x.RedirectToAdminRoute`), and the admin listener sends
+    /// `/sessions/whoami` to the public one. `false` is Ory Network: one listener for both.
+    pub separate_admin_listener: bool,
 }
 
 impl Default for EmulatorConfig {
@@ -70,6 +78,7 @@ impl Default for EmulatorConfig {
             required_aal: RequiredAal::default(),
             cacheable_sessions_max_age: None,
             session_cookie_name: "ory_kratos_session".into(),
+            separate_admin_listener: false,
         }
     }
 }
@@ -110,6 +119,36 @@ pub struct Fault {
     pub times: Option<usize>,
     /// Wait this long before answering (a slow or hanging upstream).
     pub delay: Option<Duration>,
+    /// Hold the request (after `delay`) until the gate opens: a test can let every request of a
+    /// burst arrive, then answer them all at once.
+    pub gate: Option<Gate>,
+}
+
+/// Holds requests that a fault applies to until [`Gate::open`] (see [`Fault::held`]).
+#[derive(Debug, Clone)]
+pub struct Gate(Arc<watch::Sender<bool>>);
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate(Arc::new(watch::channel(false).0))
+    }
+}
+
+impl Gate {
+    /// A closed gate.
+    pub fn new() -> Gate {
+        Gate::default()
+    }
+
+    /// Lets every held request, and every later one, through.
+    pub fn open(&self) {
+        self.0.send_replace(true);
+    }
+
+    pub(crate) async fn passed(&self) {
+        let mut open = self.0.subscribe();
+        let _ = open.wait_for(|o| *o).await;
+    }
 }
 
 impl Fault {
@@ -121,6 +160,7 @@ impl Fault {
             body: Some(herodot::generic(code, None)),
             times: None,
             delay: None,
+            gate: None,
         }
     }
 
@@ -144,6 +184,19 @@ impl Fault {
             body: None,
             times: None,
             delay: Some(d),
+            gate: None,
+        }
+    }
+
+    /// Only hold requests until `gate` opens, then answer normally.
+    pub fn held(gate: &Gate) -> Fault {
+        Fault {
+            status: 0,
+            headers: Vec::new(),
+            body: None,
+            times: None,
+            delay: None,
+            gate: Some(gate.clone()),
         }
     }
 
@@ -290,13 +343,36 @@ struct Server {
 pub(crate) struct Inner {
     pub(crate) config: EmulatorConfig,
     addr: SocketAddr,
+    /// The public API's base URL.
     pub(crate) base_url: String,
+    /// The admin API's base URL: `base_url` unless the admin API has a listener of its own.
+    pub(crate) admin_base_url: String,
     store: Mutex<Store>,
     faults: Mutex<[Vec<Fault>; 3]>,
     calls: [AtomicU64; 3],
     /// Bumped after every mutation so `wait_for_identity` can re-check without polling.
     changes: watch::Sender<u64>,
-    server: Mutex<Option<Server>>,
+    /// Bumped after every counted call so `wait_for_calls` can re-check without polling.
+    calls_changed: watch::Sender<u64>,
+    servers: Mutex<Vec<Server>>,
+}
+
+/// Which of the emulator's listeners a request arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Port {
+    /// Public and admin API together (Ory Network).
+    Combined,
+    /// Self-hosted Kratos's public port.
+    Public,
+    /// Self-hosted Kratos's admin port.
+    Admin,
+}
+
+/// The state of one listener's router.
+#[derive(Clone)]
+pub(crate) struct Listener {
+    pub(crate) emu: Emulator,
+    pub(crate) port: Port,
 }
 
 /// A running emulator. Cheap to clone; every clone controls the same server. Dropping the
@@ -328,6 +404,14 @@ fn random_alphanumeric(n: usize) -> String {
         .collect()
 }
 
+/// An unspecified bound IP is reported as 127.0.0.1, which clients can connect to.
+fn reported(mut addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(Ipv4Addr::LOCALHOST.into());
+    }
+    addr
+}
+
 fn aal_of_method(method: &str) -> &'static str {
     if matches!(method, "totp" | "lookup_secret" | "webauthn") {
         "aal2"
@@ -337,29 +421,54 @@ fn aal_of_method(method: &str) -> &'static str {
 }
 
 impl Emulator {
-    /// Binds `addr` (port 0 picks a free port) and serves the public and admin API in a spawned task.
+    /// Binds `addr` (port 0 picks a free port) and serves the public and admin API in spawned
+    /// tasks. With [`EmulatorConfig::separate_admin_listener`], the admin API gets a second
+    /// listener on the same IP and a free port.
     pub async fn start(addr: SocketAddr, config: EmulatorConfig) -> std::io::Result<Emulator> {
         let listener = TcpListener::bind(addr).await?;
-        let mut local = listener.local_addr()?;
-        if local.ip().is_unspecified() {
-            local.set_ip(Ipv4Addr::LOCALHOST.into());
-        }
+        let local = reported(listener.local_addr()?);
+        let admin_listener = if config.separate_admin_listener {
+            let listener = TcpListener::bind(SocketAddr::new(addr.ip(), 0)).await?;
+            let local = reported(listener.local_addr()?);
+            Some((listener, local))
+        } else {
+            None
+        };
+        let base_url = format!("http://{local}");
+        let admin_base_url = admin_listener
+            .as_ref()
+            .map_or_else(|| base_url.clone(), |(_, a)| format!("http://{a}"));
         let (changes, _) = watch::channel(0u64);
+        let (calls_changed, _) = watch::channel(0u64);
         let emu = Emulator {
             inner: Arc::new(Inner {
                 config,
                 addr: local,
-                base_url: format!("http://{local}"),
+                base_url,
+                admin_base_url,
                 store: Mutex::new(Store::default()),
                 faults: Mutex::new([Vec::new(), Vec::new(), Vec::new()]),
                 calls: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
                 changes,
-                server: Mutex::new(None),
+                calls_changed,
+                servers: Mutex::new(Vec::new()),
             }),
         };
-        let router = Router::new()
-            .fallback(http::dispatch)
-            .with_state(emu.clone());
+        match admin_listener {
+            None => emu.serve(listener, Port::Combined),
+            Some((admin, _)) => {
+                emu.serve(listener, Port::Public);
+                emu.serve(admin, Port::Admin);
+            }
+        }
+        Ok(emu)
+    }
+
+    fn serve(&self, listener: TcpListener, port: Port) {
+        let router = Router::new().fallback(http::dispatch).with_state(Listener {
+            emu: self.clone(),
+            port,
+        });
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let shutdown = async {
@@ -374,30 +483,39 @@ impl Emulator {
                 .with_graceful_shutdown(shutdown)
                 .await;
         });
-        *lock(&emu.inner.server) = Some(Server { stop, task });
-        Ok(emu)
+        lock(&self.inner.servers).push(Server { stop, task });
     }
 
-    /// Base URL without trailing slash, e.g. `http://127.0.0.1:43121`.
+    /// The public API's base URL without trailing slash, e.g. `http://127.0.0.1:43121`; the
+    /// admin API's too unless it has a listener of its own.
     pub fn url(&self) -> String {
         self.inner.base_url.clone()
     }
 
-    /// The bound address (an unspecified IP is reported as 127.0.0.1).
+    /// The admin API's base URL without trailing slash: [`Emulator::url`] unless
+    /// [`EmulatorConfig::separate_admin_listener`] gave it a listener of its own.
+    pub fn admin_url(&self) -> String {
+        self.inner.admin_base_url.clone()
+    }
+
+    /// The bound address of the public API (an unspecified IP is reported as 127.0.0.1).
     pub fn addr(&self) -> SocketAddr {
         self.inner.addr
     }
 
-    /// Stops serving: in-flight requests get up to 5 s to finish, then the server task is
-    /// aborted. The port is released when this returns. Later calls do nothing.
+    /// Stops serving: in-flight requests get up to 5 s to finish, then the server tasks are
+    /// aborted. The ports are released when this returns. Later calls do nothing.
     pub async fn shutdown(&self) {
-        let server = lock(&self.inner.server).take();
-        if let Some(Server { stop, mut task }) = server {
+        let servers = std::mem::take(&mut *lock(&self.inner.servers));
+        // Both listeners drain at once, so the 5 s bound holds for the whole emulator.
+        let mut tasks = Vec::with_capacity(servers.len());
+        for Server { stop, task } in servers {
             let _ = stop.send(());
-            if tokio::time::timeout(Duration::from_secs(5), &mut task)
-                .await
-                .is_err()
-            {
+            tasks.push(task);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        for mut task in tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
                 task.abort();
                 let _ = task.await;
             }
@@ -422,6 +540,9 @@ impl Emulator {
 
     pub(crate) fn count(&self, route: Route) {
         self.inner.calls[route.index()].fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .calls_changed
+            .send_modify(|v| *v = v.wrapping_add(1));
     }
 
     /// The first fault queued for `route`, consuming one of its `times`.
@@ -601,6 +722,23 @@ impl Emulator {
     pub fn reset_calls(&self) {
         for c in &self.inner.calls {
             c.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Resolves `true` as soon as at least `n` requests have reached the route class (counted as
+    /// [`Emulator::calls`] counts them, so before any fault delay), or `false` after `timeout`.
+    pub async fn wait_for_calls(&self, route: Route, n: u64, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Subscribing before the first check means no call can slip between check and wait.
+        let mut rx = self.inner.calls_changed.subscribe();
+        loop {
+            if self.calls(route) >= n {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) | Err(_) => return false,
+            }
         }
     }
 

@@ -6,7 +6,7 @@
 use std::{collections::HashSet, time::Duration};
 
 use kratos_emulator::{
-    Emulator, EmulatorConfig, Fault, NewIdentity, NewSession, RequiredAal, Route,
+    Emulator, EmulatorConfig, Fault, Gate, NewIdentity, NewSession, RequiredAal, Route,
 };
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{Value, json};
@@ -485,6 +485,95 @@ async fn admin_get_404_and_prefixless_paths() {
         );
         assert!(v["credentials"]["password"].get("config").is_none());
     }
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn separate_admin_listener_redirects_like_self_hosted_kratos() {
+    let (emu, _) = start(EmulatorConfig {
+        separate_admin_listener: true,
+        ..EmulatorConfig::default()
+    })
+    .await;
+    // Redirects must be seen, not followed.
+    let http = client_builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    assert_ne!(emu.url(), emu.admin_url());
+    let id = id_of(&emu.create_identity(person("split@example.com")));
+    let session = emu.create_session(id, NewSession::default());
+
+    // The public port sends admin identity paths, with or without `/admin`, to the admin port,
+    // keeping the query (`x.RedirectToAdminRoute`).
+    for (method, path) in [
+        (
+            Method::GET,
+            format!("/admin/identities/{id}?include_credential=oidc"),
+        ),
+        (
+            Method::GET,
+            format!("/identities/{id}?include_credential=oidc"),
+        ),
+        (
+            Method::PATCH,
+            format!("/admin/identities/{id}?include_credential=oidc"),
+        ),
+    ] {
+        let r = http
+            .request(method.clone(), format!("{}{path}", emu.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::TEMPORARY_REDIRECT,
+            "{method} {path}"
+        );
+        assert_eq!(
+            header(&r, "location"),
+            Some(
+                format!(
+                    "{}/admin/identities/{id}?include_credential=oidc",
+                    emu.admin_url()
+                )
+                .as_str()
+            )
+        );
+    }
+    // A redirect is not an admin call.
+    assert_eq!(emu.calls(Route::AdminRead), 0);
+    assert_eq!(emu.calls(Route::AdminWrite), 0);
+
+    // The admin port serves them, and sends whoami to the public port.
+    let r = http
+        .get(format!("{}/admin/identities/{id}", emu.admin_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(emu.calls(Route::AdminRead), 1);
+    for path in ["/sessions/whoami", "/admin/sessions/whoami"] {
+        let r = http
+            .get(format!("{}{path}", emu.admin_url()))
+            .header("X-Session-Token", &session.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::TEMPORARY_REDIRECT, "{path}");
+        assert_eq!(
+            header(&r, "location"),
+            Some(format!("{}/sessions/whoami", emu.url()).as_str())
+        );
+    }
+    assert_eq!(emu.calls(Route::Whoami), 0);
+    let r = http
+        .get(format!("{}/sessions/whoami", emu.url()))
+        .header("X-Session-Token", &session.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
     emu.shutdown().await;
 }
 
@@ -1025,6 +1114,7 @@ async fn faults_and_counters() {
             body: Some(json!({"error": {"code": 500, "message": "boom"}})),
             times: Some(1),
             delay: None,
+            gate: None,
         }
         .delay(Duration::from_millis(50)),
     );
@@ -1033,9 +1123,59 @@ async fn faults_and_counters() {
     assert_eq!(header(&r, "x-custom"), Some("1"));
     assert_eq!(json_body(r).await["error"]["message"], "boom");
 
+    // Held until the gate opens, then the normal answer.
+    let gate = Gate::new();
+    emu.inject_fault(Route::Whoami, Fault::held(&gate).times(2));
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let request = http
+                .get(format!("{}/sessions/whoami", emu.url()))
+                .header("X-Session-Token", &s.token);
+            tokio::spawn(request.send())
+        })
+        .collect();
+    assert!(
+        emu.wait_for_calls(
+            Route::Whoami,
+            emu.calls(Route::Whoami) + 2,
+            Duration::from_secs(10)
+        )
+        .await
+    );
+    assert!(held.iter().all(|h| !h.is_finished()));
+    gate.open();
+    for h in held {
+        assert_eq!(h.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+
     emu.reset_calls();
     assert_eq!(emu.calls(Route::Whoami), 0);
     assert_eq!(emu.calls(Route::AdminRead), 0);
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn wait_for_calls_wakes_on_a_call() {
+    let (emu, http) = start_default().await;
+    assert!(emu.wait_for_calls(Route::Whoami, 0, Duration::ZERO).await);
+    let waiter = {
+        let emu = emu.clone();
+        tokio::spawn(async move {
+            emu.wait_for_calls(Route::Whoami, 2, Duration::from_secs(10))
+                .await
+        })
+    };
+    for _ in 0..2 {
+        http.get(format!("{}/sessions/whoami", emu.url()))
+            .send()
+            .await
+            .unwrap();
+    }
+    assert!(waiter.await.unwrap());
+    assert!(
+        !emu.wait_for_calls(Route::AdminRead, 1, Duration::from_millis(20))
+            .await
+    );
     emu.shutdown().await;
 }
 

@@ -167,6 +167,170 @@ impl TestDb {
     }
 }
 
+/// A statement trigger that announces every change to `ory_outbox` on a channel, so tests can wait
+/// for the outbox worker's effects instead of polling for them.
+const OUTBOX_CHANGES: &str = "
+    CREATE OR REPLACE FUNCTION idmap_test_outbox_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN PERFORM pg_notify('idmap_test_outbox', ''); RETURN NULL; END $$;
+    CREATE OR REPLACE TRIGGER idmap_test_outbox_changed
+        AFTER INSERT OR UPDATE OR DELETE ON ory_outbox
+        FOR EACH STATEMENT EXECUTE FUNCTION idmap_test_outbox_changed();
+    LISTEN idmap_test_outbox;
+";
+
+impl TestDb {
+    /// Waits until the count query `sql` returns `want`, checking again after every committed
+    /// change to `ory_outbox` (PostgreSQL delivers a NOTIFY when its transaction commits, so each
+    /// check sees what changed). Panics after [`super::PATIENCE`].
+    pub async fn wait_for_outbox(&self, sql: &str, want: i64) {
+        use futures::StreamExt;
+        let (client, mut connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test database");
+        let (changed, mut changes) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = messages.next().await {
+                if let tokio_postgres::AsyncMessage::Notification(_) = message {
+                    let _ = changed.send(());
+                }
+            }
+        });
+        // Listening before the first check means no change can slip between check and wait.
+        client
+            .batch_execute(OUTBOX_CHANGES)
+            .await
+            .expect("install the outbox trigger");
+        let deadline = tokio::time::Instant::now() + super::PATIENCE;
+        loop {
+            let row = client
+                .query_one(&format!("SELECT ({sql})::bigint"), &[])
+                .await
+                .expect("count query");
+            let n: i64 = row.get(0);
+            if n == want {
+                return;
+            }
+            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                Ok(Some(())) => {}
+                _ => panic!("`{sql}` stayed {n}, never {want}"),
+            }
+        }
+    }
+}
+
+/// A transaction left open on a connection of its own, standing for another replica's write that
+/// has not committed yet.
+pub struct OpenTransaction {
+    client: tokio_postgres::Client,
+}
+
+impl OpenTransaction {
+    pub async fn commit(self) {
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .expect("commit the open transaction");
+    }
+}
+
+impl TestDb {
+    async fn client(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test database");
+        tokio::spawn(connection);
+        client
+    }
+
+    /// Runs `sql` in a transaction that stays open until [`OpenTransaction::commit`].
+    pub async fn begin(&self, sql: &str) -> OpenTransaction {
+        let client = self.client().await;
+        client
+            .batch_execute(&format!("BEGIN; {sql}"))
+            .await
+            .expect("start the open transaction");
+        OpenTransaction { client }
+    }
+
+    /// Returns once some session of this database waits for a lock (a row or a unique key that an
+    /// [`OpenTransaction`] holds). PostgreSQL announces no such event, so this asks
+    /// `pg_locks` again and again (no sleeps: each question is a round trip), for at most
+    /// [`super::PATIENCE`].
+    pub async fn wait_for_lock_waiter(&self) {
+        let client = self.client().await;
+        let deadline = tokio::time::Instant::now() + super::PATIENCE;
+        loop {
+            let row = client
+                .query_one(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                     WHERE NOT l.granted AND a.datname = current_database()",
+                    &[],
+                )
+                .await
+                .expect("read pg_locks");
+            if row.get::<_, i64>(0) > 0 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nothing ever waited for a lock"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Makes the database refuse new connections and ends every connection to it, as a database
+    /// restart or failover does; [`Outage::end`] lets connections in again.
+    pub async fn outage(&self) -> Outage {
+        let server = server();
+        let (client, connection) =
+            tokio_postgres::connect(&server.admin_url, tokio_postgres::NoTls)
+                .await
+                .expect("connect to the test PostgreSQL");
+        tokio::spawn(connection);
+        // Two statements, not one batch: a batch is one transaction, and connections made before
+        // it commits would get in.
+        client
+            .batch_execute(&format!(
+                "ALTER DATABASE {} ALLOW_CONNECTIONS false",
+                self.name
+            ))
+            .await
+            .expect("refuse new connections");
+        // With a timeout, pg_terminate_backend returns once the backend is gone.
+        client
+            .batch_execute(&format!(
+                "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = '{}'",
+                self.name
+            ))
+            .await
+            .expect("end the open connections");
+        Outage {
+            client,
+            name: self.name.clone(),
+        }
+    }
+}
+
+/// A database that refuses connections (see [`TestDb::outage`]).
+pub struct Outage {
+    client: tokio_postgres::Client,
+    name: String,
+}
+
+impl Outage {
+    pub async fn end(self) {
+        self.client
+            .batch_execute(&format!(
+                "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+                self.name
+            ))
+            .await
+            .expect("let connections in again");
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         let Some(server) = SERVER.get() else { return };
