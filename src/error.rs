@@ -135,7 +135,10 @@ impl From<OryError> for Error {
                 retry_after: None,
                 detail,
             },
-            OryError::Conflict | OryError::AdminUnauthorized(_) | OryError::Protocol(_) => {
+            OryError::Conflict
+            | OryError::AdminUnauthorized(_)
+            | OryError::PageTokenRefused(_)
+            | OryError::Protocol(_) => {
                 Self::Internal(format!("ory: {e}"))
             }
         }

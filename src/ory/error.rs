@@ -28,6 +28,11 @@ pub enum OryError {
     /// Ory refused our admin credentials (401/403 on the admin API): ORY_API_KEY is wrong or missing.
     #[error("Ory rejected the admin API credentials (check ORY_API_KEY): status {0}")]
     AdminUnauthorized(u16),
+    /// Ory refused a page token of the identity list (400): it expired (current Kratos's tokens
+    /// live an hour), or it was issued under another pagination secret or Kratos version. Only a
+    /// walk from the first page can go on.
+    #[error("Ory refused the page token: {0}")]
+    PageTokenRefused(String),
     /// Ory answered something its contract does not allow (unexpected status or body).
     #[error("unexpected answer from Ory: {0}")]
     Protocol(String),

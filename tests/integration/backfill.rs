@@ -13,7 +13,9 @@ use idmap::service::{
     BackfillOptions, Drift, ReconcileObserver, ReconcileOptions, RetryPolicy, Stopped,
 };
 use idmap::store::BackfillCounts;
-use kratos_emulator::{Emulator, EmulatorConfig, Fault, NewIdentity, Route};
+use kratos_emulator::{
+    Emulator, EmulatorConfig, Fault, LinkHeader, NewIdentity, PageTokens, Route,
+};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -248,6 +250,39 @@ async fn backfill_of_thousands_resumes_after_interruptions_without_duplicates_or
     assert_eq!(again.counts.queued, 3000);
     assert_eq!(db.count("SELECT count(*) FROM ory_outbox").await, 3000);
     assert_eq!(db.count("SELECT count(*) FROM users").await, 3000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_follows_next_links_sent_in_a_link_header_of_their_own() {
+    // Older ory/x sends rel="first" and rel="next" as two Link headers; reading only the first
+    // header would end the walk after one page and report it complete.
+    let db = TestDb::new().await;
+    let ory = Emulator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        EmulatorConfig {
+            link_header: LinkHeader::Split,
+            page_tokens: PageTokens::LastId,
+            ..EmulatorConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let seeded: HashSet<Uuid> = seed(&ory, 45, "split").into_iter().collect();
+    let app = app(&db, &ory).await;
+    let report = app
+        .mapper()
+        .backfill(
+            &options(10),
+            &|_: &BackfillCounts| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert!(report.is_success(), "{report:?}");
+    assert_eq!((report.counts.pages, report.counts.scanned), (5, 45));
+    assert_eq!(ory.calls(Route::AdminRead), 5);
+    let linked: HashSet<Uuid> = links(&db).await.into_iter().map(|(i, _)| i).collect();
+    assert_eq!(linked, seeded);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
