@@ -278,11 +278,6 @@ impl IdentityMapper {
         match result {
             Ok(outcome) => {
                 if outcome.created {
-                    // A user created for a deactivated identity starts as what Ory says it is.
-                    let state = UserState::of_identity(&identity.state);
-                    if state != UserState::Active {
-                        self.record_state(outcome.user.id, state).await?;
-                    }
                     Ok(count(&Step::Create))
                 } else if step == Step::Create {
                     // A concurrent link (a hook, a ResolveSession) got there first.

@@ -26,7 +26,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 pub use backfill::{BackfillCounts, BackfillRun};
 pub use outbox::{OutboxKind, OutboxRow};
-pub use users::{LinkConflict, LinkResult};
+pub use users::{LinkConflict, LinkFacts, LinkResult};
 
 /// Pool sizing and timeouts.
 #[derive(Debug, Clone)]

@@ -26,6 +26,18 @@ pub enum LinkConflict {
     ExternalIdAlreadySet { external_id: ExternalId },
 }
 
+/// What a link stores of the identity, besides what the request asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkFacts<'a> {
+    /// The identity's schema id, kept current on the user.
+    pub schema_id: &'a str,
+    /// A new user's state: the identity's, so a deactivated identity's user starts inactive. An
+    /// existing user's state is left alone; reconciliation owns its changes.
+    pub state: UserState,
+    /// What Ory records in `metadata_public.id` now; the write is queued unless it names the user.
+    pub ory_has: Option<&'a str>,
+}
+
 /// The outcome of [`Store::link`].
 #[derive(Debug)]
 pub enum LinkResult {
@@ -140,8 +152,9 @@ impl Store {
         Ok(user.map(|u| (u, changed > 0)))
     }
 
-    /// Links an identity to a user in one transaction: creates or reuses the user (claiming it when
-    /// the pre-persist hook left it pending), sets the external id, and queues the Ory `metadata_public.id` write in the outbox unless `ory_has` (the id Ory
+    /// Links an identity to a user in one transaction: creates (in the identity's state) or reuses
+    /// the user (claiming it when the pre-persist hook left it pending), sets the external id, and
+    /// queues the Ory `metadata_public.id` write in the outbox unless `facts.ory_has` (the id Ory
     /// records now) already names the user.
     ///
     /// Uniqueness is left to PostgreSQL's constraints (`INSERT .. ON CONFLICT DO NOTHING` waits for a
@@ -149,15 +162,12 @@ impl Store {
     pub async fn link(
         &self,
         request: &LinkRequest,
-        schema_id: &str,
-        ory_has: Option<&str>,
+        facts: &LinkFacts<'_>,
     ) -> Result<LinkResult, StoreError> {
         let mut conn = self.conn().await?;
         for _ in 0..LINK_ATTEMPTS {
             let result = conn
-                .transaction::<_, TxError, _>(async |conn| {
-                    link_in_tx(conn, request, schema_id, ory_has).await
-                })
+                .transaction::<_, TxError, _>(async |conn| link_in_tx(conn, request, facts).await)
                 .await;
             match result {
                 Ok(outcome) => return Ok(LinkResult::Linked(outcome)),
@@ -187,9 +197,13 @@ async fn find_by_identity(
 async fn link_in_tx(
     conn: &mut AsyncPgConnection,
     request: &LinkRequest,
-    schema_id: &str,
-    ory_has: Option<&str>,
+    facts: &LinkFacts<'_>,
 ) -> Result<LinkOutcome, TxError> {
+    let LinkFacts {
+        schema_id,
+        state,
+        ory_has,
+    } = *facts;
     let identity = request.ory_identity_id;
     // Lock the identity's user row so concurrent links of one identity run one after the other.
     // (PostgreSQL cannot lock the nullable side of an outer join, so the user row is locked on its
@@ -250,6 +264,7 @@ async fn link_in_tx(
                     id: user_id.as_uuid(),
                     ory_identity_id: identity.as_uuid(),
                     schema_id,
+                    state: state.as_str(),
                 })
                 .on_conflict_do_nothing()
                 .execute(conn)

@@ -411,6 +411,14 @@ async fn backfill_skips_correct_identities_and_goes_through_the_link_path() {
     );
     assert_eq!(db.count("SELECT count(*) FROM pending_users").await, 0);
     assert_eq!(user_state(&db, inactive).await, "inactive");
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM users WHERE ory_identity_id = '{inactive}' AND updated_at = created_at"
+        ))
+        .await,
+        1,
+        "the state is written with the user, in the link's transaction"
+    );
     assert_eq!(user_state(&db, restored).await, "active");
 
     // Writes were queued only where Ory lacks the right id: the lost one and the inactive one.

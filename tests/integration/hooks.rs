@@ -149,6 +149,56 @@ async fn registration_hook_creates_the_user_and_queues_the_metadata_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_hook_creates_an_inactive_identitys_user_inactive() {
+    let env = env().await;
+    let hooks = Hooks::new(&env);
+    let state_of = |user_id: String| {
+        let db = &env.db;
+        async move {
+            // `updated_at = created_at`: the state came with the insert, not a later update.
+            db.count(&format!(
+                "SELECT count(*) FROM users WHERE id = '{user_id}' \
+                 AND state = 'inactive' AND updated_at = created_at"
+            ))
+            .await
+        }
+    };
+
+    // Created by the post-persist hook.
+    let mut identity = stored_identity(&env, "asleep@example.com", None);
+    identity["state"] = json!("inactive");
+    let (status, body) = hooks
+        .post(REGISTRATION, &json!({ "identity": identity }))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        state_of(body["user_id"].as_str().unwrap().to_owned()).await,
+        1
+    );
+
+    // Claimed from the pre-persist hook's reservation.
+    let (_, pre) = hooks
+        .post(
+            PRE_PERSIST,
+            &json!({ "identity": new_identity("dozing@example.com", Value::Null) }),
+        )
+        .await;
+    let metadata = pre["identity"]["metadata_public"].clone();
+    let mut identity = stored_identity(&env, "dozing@example.com", Some(metadata.clone()));
+    identity["state"] = json!("inactive");
+    let (status, body) = hooks
+        .post(REGISTRATION, &json!({ "identity": identity }))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["user_id"], metadata["id"]);
+    assert_eq!(
+        state_of(body["user_id"].as_str().unwrap().to_owned()).await,
+        1
+    );
+    assert_eq!(counts(&env).await.0, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_hook_answers_without_calling_ory() {
     // Ory is unreachable: the hook still links, and the metadata write waits in the outbox.
     let db = TestDb::new().await;
