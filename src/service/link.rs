@@ -29,8 +29,19 @@ impl IdentityMapper {
     /// new user gets the identity's state in the transaction that creates it.
     pub(super) async fn link_seen_identity(
         &self,
+        request: LinkRequest,
+        identity: &Identity,
+    ) -> Result<LinkOutcome, Error> {
+        self.link_seen_identity_in_run(request, identity, None)
+            .await
+    }
+
+    /// [`Self::link_seen_identity`] for backfill run `run`, which records the users it creates.
+    pub(super) async fn link_seen_identity_in_run(
+        &self,
         mut request: LinkRequest,
         identity: &Identity,
+        run: Option<i64>,
     ) -> Result<LinkOutcome, Error> {
         // An identity that already records a user id in `metadata_public.id` (written by idmap before,
         // say to a database since restored, or minted by a registration hook) keeps it: a new user
@@ -46,6 +57,7 @@ impl IdentityMapper {
             schema_id: &identity.schema_id,
             state: UserState::of_identity(&identity.state),
             ory_has: identity.metadata_user_id(),
+            backfill_run: run,
         };
         let ory_has = facts.ory_has;
         let mut result = self.store.link(&request, &facts).await?;

@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use tokio_util::sync::CancellationToken;
 
 use super::IdentityMapper;
-use super::walk::{RetryPolicy, Stopped, describe, is_outage, with_retry};
+use super::walk::{PageRead, RetryPolicy, Stopped, describe, is_outage, with_retry};
 use crate::domain::{Identity, IdentityId, User, UserId, UserState};
 use crate::error::Error;
 use crate::ory::OryError;
@@ -175,7 +175,15 @@ impl IdentityMapper {
                 .identity_page(options.page_size, cursor.as_deref(), &options.retry, cancel)
                 .await
             {
-                Ok(page) => page,
+                Ok(PageRead::Page(page)) => page,
+                // Only a walk that stalled for an hour on one page meets this; reconcile keeps no
+                // place between runs, so running it again is the way on.
+                Ok(PageRead::TokenRefused(reason)) => {
+                    report.stopped = Some(Stopped::Failed(format!(
+                        "Ory refused the next page's token ({reason}); run idmap reconcile again"
+                    )));
+                    return Ok(report);
+                }
                 Err(stopped) => {
                     report.stopped = Some(stopped);
                     return Ok(report);

@@ -24,7 +24,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use futures_util::FutureExt;
 use secrecy::{ExposeSecret, SecretString};
 
-pub use backfill::{BackfillCounts, BackfillRun};
+pub use backfill::{BackfillCounts, BackfillRun, RunProgress};
 pub use outbox::{OutboxKind, OutboxRow};
 pub use users::{LinkConflict, LinkFacts, LinkResult};
 

@@ -36,6 +36,9 @@ pub struct LinkFacts<'a> {
     pub state: UserState,
     /// What Ory records in `metadata_public.id` now; the write is queued unless it names the user.
     pub ory_has: Option<&'a str>,
+    /// The backfill run linking, if one is: a user it creates is marked as the run's in the same
+    /// transaction, so the run counts it as created even if it must do the page again.
+    pub backfill_run: Option<i64>,
 }
 
 /// The outcome of [`Store::link`].
@@ -203,6 +206,7 @@ async fn link_in_tx(
         schema_id,
         state,
         ory_has,
+        backfill_run,
     } = *facts;
     let identity = request.ory_identity_id;
     // Lock the identity's user row so concurrent links of one identity run one after the other.
@@ -294,6 +298,9 @@ async fn link_in_tx(
                 .await?;
             if let Some(external_id) = &request.external_id {
                 insert_external_id(conn, user_id, external_id).await?;
+            }
+            if let Some(run) = backfill_run {
+                super::backfill::mark_created(conn, run, identity).await?;
             }
             (user_id, true)
         }

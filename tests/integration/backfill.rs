@@ -43,7 +43,7 @@ fn options(page_size: u32) -> BackfillOptions {
 /// rate limit so thousands of identities take seconds.
 async fn app(db: &TestDb, ory: &Emulator) -> idmap::App {
     let mut config = config(db, ory);
-    config.ory.admin_rps = None;
+    config.ory.admin_rps = std::num::NonZeroU32::new(10);
     idmap::App::build(config).await.expect("build the app")
 }
 
@@ -283,6 +283,116 @@ async fn backfill_follows_next_links_sent_in_a_link_header_of_their_own() {
     assert_eq!(ory.calls(Route::AdminRead), 5);
     let linked: HashSet<Uuid> = links(&db).await.into_iter().map(|(i, _)| i).collect();
     assert_eq!(linked, seeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_stopped_in_the_middle_of_a_page_resumes_without_duplicates_misses_or_miscounts() {
+    let db = TestDb::new().await;
+    let ory = emulator().await;
+    let mut seeded = seed(&ory, 50, "midpage");
+    seeded.sort();
+    let app = app(&db, &ory).await;
+    let mapper = app.mapper();
+    let options = options(10);
+
+    // The database fails one link of the third page (identities are listed in id order), as if it
+    // went down while the page was half done: the rest of the page commits, the cursor stays.
+    let victim = seeded[24];
+    execute(
+        &db,
+        &format!(
+            "CREATE FUNCTION fail_one() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               RAISE EXCEPTION 'the database system is shutting down (test)'; END $$; \
+             CREATE TRIGGER fail_one BEFORE INSERT ON users FOR EACH ROW \
+               WHEN (NEW.ory_identity_id = '{victim}') EXECUTE FUNCTION fail_one();"
+        ),
+    )
+    .await;
+    let stopped = mapper
+        .backfill(
+            &options,
+            &|_: &BackfillCounts| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(&stopped.stopped, Some(Stopped::Failed(_))),
+        "{:?}",
+        stopped.stopped
+    );
+    assert_eq!(stopped.counts.pages, 2);
+    assert_eq!(stopped.counts.created, 20);
+    // The other nine identities of the third page were linked before the page failed.
+    assert_eq!(db.count("SELECT count(*) FROM users").await, 29);
+
+    // The database is back; the run resumes at the third page and does it again.
+    execute(
+        &db,
+        "DROP TRIGGER fail_one ON users; DROP FUNCTION fail_one();",
+    )
+    .await;
+    let resumed = mapper
+        .backfill(
+            &options,
+            &|_: &BackfillCounts| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert!(resumed.is_success(), "{resumed:?}");
+    // The nine users the run made before it stopped still count as created by it.
+    assert_eq!(
+        resumed.counts,
+        BackfillCounts {
+            pages: 5,
+            scanned: 50,
+            created: 50,
+            already_linked: 0,
+            queued: 0,
+            drifted: 0,
+            failed: 0,
+        }
+    );
+    let linked = links(&db).await;
+    assert_eq!(linked.len(), 50);
+    let identities: HashSet<Uuid> = linked.iter().map(|(i, _)| *i).collect();
+    assert_eq!(identities, seeded.iter().copied().collect());
+    assert_eq!(db.count("SELECT count(*) FROM ory_outbox").await, 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_calls_ory_no_faster_than_the_admin_rate_limit() {
+    let db = TestDb::new().await;
+    let ory = emulator().await;
+    seed(&ory, 40, "rps");
+    let mut config = config(&db, &ory);
+    // IDMAP_ORY_ADMIN_RPS=10: one call per 100 ms at most.
+    config.ory.admin_rps = std::num::NonZeroU32::new(10);
+    let app = idmap::App::build(config).await.unwrap();
+    ory.reset_calls();
+
+    let started = tokio::time::Instant::now();
+    let report = app
+        .mapper()
+        .backfill(
+            &options(5),
+            &|_: &BackfillCounts| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    assert!(report.is_success(), "{report:?}");
+    // Eight pages, one list call each and no other admin call: seven waits of 100 ms between them.
+    // Only a lower bound: a slow machine may take longer, never less (a few ms are allowed for
+    // the limiter's clock not being tokio's).
+    assert_eq!(ory.calls(Route::AdminRead), 8);
+    assert_eq!(ory.calls(Route::AdminWrite), 0);
+    assert!(
+        elapsed >= Duration::from_millis(700 - 10),
+        "8 admin calls in {elapsed:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
