@@ -4,7 +4,8 @@
 //! adopting an id already in `metadata_public.id`, queueing the `metadata_public.id` write and
 //! evicting caches happen in one place. After each page the run saves Ory's next page token in
 //! `backfill_runs`, so a run that stops resumes there, and marks the page's identities as counted,
-//! so pages done twice are counted once.
+//! so pages done twice (after a crash mid-page, or a walk again from the first page when Ory
+//! refuses the saved token) are counted once.
 
 use std::collections::HashMap;
 
@@ -145,6 +146,7 @@ impl IdentityMapper {
             dry_run: options.dry_run,
         };
         let mut cursor = run.as_ref().and_then(|r| r.cursor.clone());
+        let mut walked_again = false;
         if let Some(run) = &run {
             tracing::info!(run = run.id, resumed = report.resumed_from.is_some(), cursor = ?cursor, "backfill started");
         }
@@ -158,9 +160,23 @@ impl IdentityMapper {
                 .await
             {
                 Ok(PageRead::Page(page)) => page,
+                // Current Kratos's page tokens expire after an hour, so a run resumed later than
+                // that (or after Ory changed its pagination secret) cannot go on where it stopped.
+                // Walking again from the first page is safe and honest: linking is idempotent, and
+                // identities the run already counted are skipped. Once per invocation, so a Kratos
+                // that refuses every token cannot keep the walk going round.
+                Ok(PageRead::TokenRefused(reason)) if !walked_again => {
+                    tracing::warn!(
+                        %reason,
+                        "Ory refused the saved page token; walking again from the first page, keeping the run's counts"
+                    );
+                    walked_again = true;
+                    cursor = None;
+                    continue;
+                }
                 Ok(PageRead::TokenRefused(reason)) => {
                     report.stopped = Some(Stopped::Failed(format!(
-                        "listing Ory identities: Ory refused the page token: {reason}"
+                        "listing Ory identities: Ory refused the page token again after a walk from the first page: {reason}"
                     )));
                     break;
                 }
@@ -182,9 +198,9 @@ impl IdentityMapper {
                         (counts, counted)
                     }
                     Err(e) => {
-                        // The page is done again on resume; linking is idempotent, and the
-                        // users this run created before stopping are marked as its own, so they
-                        // still count as created then.
+                        // The page is done again on resume; linking is idempotent, and the users this
+                        // run created before stopping are marked as its own, so they still count as
+                        // created then.
                         report.stopped = Some(Stopped::Failed(describe(&e)));
                         break;
                     }

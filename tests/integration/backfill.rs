@@ -286,6 +286,86 @@ async fn backfill_follows_next_links_sent_in_a_link_header_of_their_own() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_resumed_after_its_page_token_expired_walks_again_from_the_first_page() {
+    let db = TestDb::new().await;
+    let ory = emulator().await;
+    let mut seeded: HashSet<Uuid> = seed(&ory, 50, "expiry").into_iter().collect();
+    let app = app(&db, &ory).await;
+    let mapper = app.mapper();
+    let options = options(10);
+
+    let cancel = CancellationToken::new();
+    let stop_after_2 = |c: &BackfillCounts| {
+        if c.pages == 2 {
+            cancel.cancel();
+        }
+    };
+    let first = mapper
+        .backfill(&options, &stop_after_2, &cancel)
+        .await
+        .unwrap();
+    assert_eq!(first.stopped, Some(Stopped::Interrupted));
+    assert_eq!(first.counts.created, 20);
+
+    // More than an hour later: Kratos refuses the saved token. Meanwhile people registered, some of
+    // them (with ids sorting below the saved place) where the walk had already been.
+    ory.expire_page_tokens();
+    seeded.extend(seed(&ory, 5, "meanwhile"));
+    ory.reset_calls();
+    let resumed = mapper
+        .backfill(
+            &options,
+            &|_: &BackfillCounts| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert!(resumed.is_success(), "{resumed:?}");
+    assert!(resumed.resumed_from.is_some());
+    // The refused call, then every page from the first.
+    assert_eq!(ory.calls(Route::AdminRead), 1 + 6);
+    // Counted once each: the identities of the first walk's two pages are not counted again.
+    assert_eq!(resumed.counts.scanned, 55);
+    assert_eq!(resumed.counts.created, 55);
+    assert_eq!(resumed.counts.already_linked, 0);
+    let linked = links(&db).await;
+    assert_eq!(linked.len(), 55);
+    let identities: HashSet<Uuid> = linked.iter().map(|(i, _)| *i).collect();
+    assert_eq!(identities, seeded);
+    assert_eq!(
+        db.count("SELECT count(*) FROM backfill_run_identities")
+            .await,
+        0
+    );
+
+    // A Kratos that keeps refusing tokens stops the run instead of walking round: once refused
+    // on resume, the first page read, the next token refused again.
+    let cancel = CancellationToken::new();
+    let stop_after_1 = |_: &BackfillCounts| cancel.cancel();
+    mapper
+        .backfill(&options, &stop_after_1, &cancel)
+        .await
+        .unwrap();
+    ory.inject_fault(Route::AdminRead, Fault::status(400).times(1));
+    ory.inject_fault(Route::AdminRead, Fault::delay_only(Duration::ZERO).times(1));
+    ory.inject_fault(Route::AdminRead, Fault::status(400).times(1));
+    let stuck = mapper
+        .backfill(
+            &options,
+            &|_: &BackfillCounts| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(&stuck.stopped, Some(Stopped::Failed(why)) if why.contains("refused")),
+        "{:?}",
+        stuck.stopped
+    );
+    assert_eq!(db.count("SELECT count(*) FROM users").await, 55);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_stopped_in_the_middle_of_a_page_resumes_without_duplicates_misses_or_miscounts() {
     let db = TestDb::new().await;
     let ory = emulator().await;
