@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::IdentityMapper;
@@ -58,6 +59,15 @@ pub enum Drift {
     },
     /// `metadata_public.id` is missing (or not a string).
     MetadataMissing { user: UserId, identity: IdentityId },
+    /// `metadata_public` is neither an object nor null, so it has no room for `id`. Not
+    /// repairable by idmap: writing the id would destroy what is there (the outbox parks such
+    /// writes), so an operator must decide.
+    MetadataNotObject {
+        user: UserId,
+        identity: IdentityId,
+        /// What `metadata_public` holds, as JSON.
+        found: String,
+    },
     /// `metadata_public.id` holds something other than the linked user's id.
     MetadataElsewhere {
         user: UserId,
@@ -77,8 +87,14 @@ impl Drift {
             } => "reactivated",
             Self::State { .. } => "inactive",
             Self::MetadataMissing { .. } => "metadata-missing",
+            Self::MetadataNotObject { .. } => "metadata-not-object",
             Self::MetadataElsewhere { .. } => "metadata-elsewhere",
         }
+    }
+
+    /// Whether `--fix` can repair it.
+    pub fn fixable(&self) -> bool {
+        !matches!(self, Self::MetadataNotObject { .. })
     }
 }
 
@@ -102,6 +118,15 @@ impl std::fmt::Display for Drift {
             Self::MetadataMissing { user, identity } => write!(
                 f,
                 "{kind}: user {user} identity {identity}: metadata_public.id is not set"
+            ),
+            Self::MetadataNotObject {
+                user,
+                identity,
+                found,
+            } => write!(
+                f,
+                "{kind}: user {user} identity {identity}: metadata_public is {found}, not an object; \
+                 idmap will not overwrite it (edit it in Ory, then reconcile again)"
             ),
             Self::MetadataElsewhere {
                 user,
@@ -136,6 +161,8 @@ pub struct ReconcileReport {
     pub drifts: HashMap<&'static str, u64>,
     /// Drifts repaired (`--fix`).
     pub fixed: u64,
+    /// Drifts `--fix` cannot repair ([`Drift::fixable`]); they need an operator.
+    pub unfixable: u64,
     /// Identities or users that could not be checked or repaired.
     pub failed: u64,
     /// Why the walk ended early; `None`: everything was checked.
@@ -321,7 +348,17 @@ impl IdentityMapper {
             .await?;
         }
         let recorded = identity.metadata_user_id();
-        if recorded != Some(user.id.to_string().as_str()) {
+        if !matches!(identity.metadata_public, Value::Object(_) | Value::Null) {
+            // The outbox would park the write (see `MetadataWrite::NotAnObject`), so queueing it
+            // would repair nothing.
+            let drift = Drift::MetadataNotObject {
+                user: user.id,
+                identity: identity.id,
+                found: identity.metadata_public.to_string(),
+            };
+            self.found(drift, options, observer, report, || async { Ok(()) })
+                .await?;
+        } else if recorded != Some(user.id.to_string().as_str()) {
             let drift = match recorded {
                 None => Drift::MetadataMissing {
                     user: user.id,
@@ -361,7 +398,10 @@ impl IdentityMapper {
         Fut: Future<Output = Result<(), Error>>,
     {
         *report.drifts.entry(drift.kind()).or_default() += 1;
-        if !options.fix {
+        if !drift.fixable() {
+            report.unfixable += 1;
+        }
+        if !options.fix || !drift.fixable() {
             observer.drift(&drift, None);
             return Ok(());
         }

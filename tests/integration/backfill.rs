@@ -814,6 +814,62 @@ async fn reconcile_reports_then_fixes_every_kind_of_drift() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_reports_metadata_that_is_not_an_object_as_unfixable() {
+    let db = TestDb::new().await;
+    let ory = emulator().await;
+    let ids = seed(&ory, 6, "notobj");
+    let app = app(&db, &ory).await;
+    let mapper = app.mapper();
+    let never = CancellationToken::new();
+    mapper
+        .backfill(&options(10), &|_: &BackfillCounts| {}, &never)
+        .await
+        .unwrap();
+    deliver_outbox(&db, &ory).await;
+    // Someone stored a list where idmap keeps an object: adding `id` would destroy it.
+    let odd = ids[2];
+    ory.patch_identity(
+        odd,
+        &json!([{"op": "replace", "path": "/metadata_public", "value": ["legacy", 1]}]),
+    )
+    .unwrap();
+    let expected = format!(
+        "metadata-not-object: user {} identity {odd}: metadata_public is [\"legacy\",1], not an \
+         object; idmap will not overwrite it (edit it in Ory, then reconcile again)",
+        user_of(&db, odd).await
+    );
+    let lines = Lines::default();
+    let report_only = ReconcileOptions {
+        page_size: 10,
+        fix: false,
+        retry: quick_retry(),
+    };
+
+    let report = mapper
+        .reconcile(&report_only, &lines, &never)
+        .await
+        .unwrap();
+    assert_eq!(lines.take(), vec![expected.clone()]);
+    assert_eq!(report.drifts.get("metadata-not-object"), Some(&1));
+    assert_eq!(report.drifts.get("metadata-missing"), None);
+    assert_eq!(report.unfixable, 1);
+
+    // --fix leaves it alone: not counted fixed, nothing queued for the outbox to park.
+    let fix = ReconcileOptions {
+        fix: true,
+        ..report_only
+    };
+    let report = mapper.reconcile(&fix, &lines, &never).await.unwrap();
+    assert_eq!(lines.take(), vec![expected], "no [fixed] suffix");
+    assert_eq!((report.fixed, report.unfixable, report.failed), (0, 1, 0));
+    assert_eq!(db.count("SELECT count(*) FROM ory_outbox").await, 0);
+    let summary = idmap::backfill::reconcile_summary(&report);
+    assert!(summary.contains("metadata-not-object: 1"), "{summary}");
+    assert!(summary.contains("fixed:              0"), "{summary}");
+    assert!(summary.contains("not fixable:        1"), "{summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_confirms_a_missing_identity_before_marking_it_deleted() {
     let db = TestDb::new().await;
     let ory = emulator().await;
@@ -905,6 +961,21 @@ mod binary {
         assert_eq!(code, 2, "{stdout}");
         assert_eq!(stdout.matches("metadata-missing: user ").count(), 30);
         assert!(stdout.contains("metadata-missing:   30"), "{stdout}");
+
+        // --fix queues the 29 writes it can; the identity whose metadata_public is not an object
+        // is left to an operator, so drift remains: exit 2.
+        let odd = links(&db).await[0].0;
+        ory.patch_identity(
+            odd,
+            &json!([{"op": "replace", "path": "/metadata_public", "value": "legacy"}]),
+        )
+        .unwrap();
+        let (code, stdout, _) = run(idmap(&["reconcile", "--fix"], &db, &ory)).await;
+        assert_eq!(code, 2, "{stdout}");
+        assert!(stdout.contains("metadata-missing:   29"), "{stdout}");
+        assert!(stdout.contains("metadata-not-object: 1"), "{stdout}");
+        assert!(stdout.contains("fixed:              29"), "{stdout}");
+        assert!(stdout.contains("not fixable:        1"), "{stdout}");
 
         // Ory refuses the credentials: the walk stops at once, the summary says so, exit 1.
         let guarded = Emulator::start(
