@@ -10,6 +10,7 @@ mod backfill;
 mod bench;
 mod binary;
 mod cache;
+mod deploy;
 mod hooks;
 mod link;
 mod lookup;
