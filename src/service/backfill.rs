@@ -168,7 +168,7 @@ impl IdentityMapper {
                 Ok(PageRead::TokenRefused(reason)) if !walked_again => {
                     tracing::warn!(
                         %reason,
-                        "Ory refused the saved page token; walking again from the first page, keeping the run's counts"
+                        "Ory refused the page token; walking again from the first page, keeping the run's counts"
                     );
                     walked_again = true;
                     cursor = None;

@@ -140,6 +140,18 @@ impl std::fmt::Display for Drift {
     }
 }
 
+/// Longest piece of an identity's JSON a report line quotes.
+const QUOTE_CHARS: usize = 60;
+
+/// `text`, cut to [`QUOTE_CHARS`] characters (marked with `...`), so a large `metadata_public`
+/// does not flood the report.
+fn abbreviate(text: String) -> String {
+    match text.char_indices().nth(QUOTE_CHARS) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text,
+    }
+}
+
 /// Told about each drift as it is found (and repaired), and about progress.
 pub trait ReconcileObserver: Sync {
     /// `repair` is `None` without `--fix`, else how the repair went.
@@ -354,7 +366,7 @@ impl IdentityMapper {
             let drift = Drift::MetadataNotObject {
                 user: user.id,
                 identity: identity.id,
-                found: identity.metadata_public.to_string(),
+                found: abbreviate(identity.metadata_public.to_string()),
             };
             self.found(drift, options, observer, report, || async { Ok(()) })
                 .await?;
@@ -419,5 +431,18 @@ impl IdentityMapper {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_quotes_are_cut_on_a_character_boundary() {
+        assert_eq!(abbreviate("[1,2]".into()), "[1,2]");
+        let long = "é".repeat(QUOTE_CHARS + 5);
+        let cut = abbreviate(long);
+        assert_eq!(cut, format!("{}...", "é".repeat(QUOTE_CHARS)));
     }
 }
