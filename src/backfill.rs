@@ -18,7 +18,7 @@ use crate::store::BackfillCounts;
 
 /// Exit code when something failed (identities not linked, a walk that stopped on errors).
 pub const EXIT_FAILED: u8 = 1;
-/// Exit code of `reconcile` without `--fix` when it found drift.
+/// Exit code of `reconcile` when drift remains: found without `--fix`, or not repairable.
 pub const EXIT_DRIFT: u8 = 2;
 /// Exit code when Ctrl-C or SIGTERM stopped the walk (128 + SIGINT, as shells report it).
 pub const EXIT_INTERRUPTED: u8 = 130;
@@ -238,13 +238,19 @@ pub fn reconcile_summary(report: &ReconcileReport) -> String {
         "inactive",
         "reactivated",
         "metadata-missing",
+        "metadata-not-object",
         "metadata-elsewhere",
     ] {
         let n = report.drifts.get(kind).copied().unwrap_or(0);
-        out.push_str(&format!("{:<20}{n}\n", format!("{kind}:")));
+        // At least one space, even after the longest kind.
+        out.push_str(&format!("{:<19} {n}\n", format!("{kind}:")));
     }
     if report.fix {
         out.push_str(&format!("fixed:              {}\n", report.fixed));
+        out.push_str(&format!(
+            "not fixable:        {} (see the lines above; idmap will not repair them)\n",
+            report.unfixable
+        ));
     }
     out.push_str(&format!("failed:             {}\n", report.failed));
     match &report.stopped {
@@ -268,6 +274,13 @@ fn reconcile_outcome(report: &ReconcileReport) -> anyhow::Result<()> {
             format!(
                 "{} drifts found; run idmap reconcile --fix to repair them",
                 report.drift_total()
+            ),
+        ),
+        None if report.unfixable > 0 => failed(
+            EXIT_DRIFT,
+            format!(
+                "{} drifts remain that idmap cannot repair (listed above); fix them in Ory",
+                report.unfixable
             ),
         ),
         None => Ok(()),

@@ -155,7 +155,9 @@ impl From<OryError> for Error {
                 retry_after: None,
                 detail: e.to_string(),
             },
-            OryError::Conflict | OryError::Protocol(_) => Self::Internal(format!("ory: {e}")),
+            OryError::Conflict | OryError::PageTokenRefused(_) | OryError::Protocol(_) => {
+                Self::Internal(format!("ory: {e}"))
+            }
         }
     }
 }

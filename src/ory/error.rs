@@ -41,6 +41,11 @@ pub enum OryError {
         status: u16,
         location: Option<String>,
     },
+    /// Ory refused a page token of the identity list (400): it expired (current Kratos's tokens
+    /// live an hour), or it was issued under another pagination secret or Kratos version. Only a
+    /// walk from the first page can go on.
+    #[error("Ory refused the page token: {0}")]
+    PageTokenRefused(String),
     /// Ory answered something its contract does not allow (unexpected status or body).
     #[error("unexpected answer from Ory: {0}")]
     Protocol(String),

@@ -224,6 +224,10 @@ impl KratosClient {
     /// token comes from the `Link: <...>; rel="next"` header, which Kratos builds from its own base
     /// URL (the emulator sends a path only); either form is resolved against the admin base URL and
     /// only its `page_token` is kept, so a proxy in front of Ory cannot redirect the walk.
+    ///
+    /// Current Kratos's tokens expire an hour after they were issued (and any token stops working
+    /// when the pagination secret changes); Ory then answers 400, reported as
+    /// [`OryError::PageTokenRefused`] so the caller can start again from the first page.
     #[tracing::instrument(name = "ory.list_identities", skip_all, fields(page_size))]
     pub async fn list_identities(
         &self,
@@ -244,13 +248,23 @@ impl KratosClient {
             self.admin(Method::GET, url),
         )
         .await?;
-        if response.status() != StatusCode::OK {
-            return Err(unexpected(response).await);
+        match response.status() {
+            StatusCode::OK => {}
+            // The only parameter Ory can refuse is the token: the page size is in range.
+            StatusCode::BAD_REQUEST if page_token.is_some() => {
+                let reason = read_json::<ErrorBody>(response)
+                    .await
+                    .ok()
+                    .and_then(|b| b.error.reason.or(b.error.id))
+                    .unwrap_or_else(|| "no reason given".to_owned());
+                return Err(OryError::PageTokenRefused(reason));
+            }
+            _ => return Err(unexpected(response).await),
         }
-        let next_page_token = match header_str(&response, "link") {
-            Some(link) => next_page_token(&self.admin_url, &link)?,
-            None => None,
-        };
+        // Older ory/x sends `rel="first"` and `rel="next"` as separate Link headers, newer one
+        // header with both; RFC 9110 makes the two forms equivalent once joined with a comma.
+        let link = header_values(&response, "link").join(",");
+        let next_page_token = next_page_token(&self.admin_url, &link)?;
         if next_page_token.is_some() && next_page_token.as_deref() == page_token {
             // Following it would read the same page forever.
             return Err(OryError::Protocol(
@@ -458,6 +472,16 @@ fn ratelimit_reset(response: &Response) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
+/// Every value of a header that may be repeated, in order.
+fn header_values<'a>(response: &'a Response, name: &str) -> Vec<&'a str> {
+    response
+        .headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect()
+}
+
 fn header_str(response: &Response, name: &str) -> Option<String> {
     response
         .headers()
@@ -516,6 +540,19 @@ mod tests {
             next_page_token(&base(), absolute).unwrap().as_deref(),
             Some("a+b")
         );
+    }
+
+    #[test]
+    fn split_link_headers_read_as_one() {
+        // What older ory/x sends as two headers, joined as `list_identities` joins them.
+        let first = r#"</admin/identities?page_size=2&page_token=f>; rel="first""#;
+        let next = r#"</admin/identities?page_size=2&page_token=n>; rel="next""#;
+        for joined in [format!("{first},{next}"), format!("{next},{first}")] {
+            assert_eq!(
+                next_page_token(&base(), &joined).unwrap().as_deref(),
+                Some("n")
+            );
+        }
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! LinkIdentity and the registration hook (`link_seen_identity`), so claiming pending users,
 //! adopting an id already in `metadata_public.id`, queueing the `metadata_public.id` write and
 //! evicting caches happen in one place. After each page the run saves Ory's next page token in
-//! `backfill_runs`, so a run that stops resumes there.
+//! `backfill_runs`, so a run that stops resumes there, and marks the page's identities as counted,
+//! so pages done twice (after a crash mid-page, or a walk again from the first page when Ory
+//! refuses the saved token) are counted once.
 
 use std::collections::HashMap;
 
@@ -11,10 +13,10 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::IdentityMapper;
-use super::walk::{RetryPolicy, Stopped, describe, is_outage};
+use super::walk::{PageRead, RetryPolicy, Stopped, describe, is_outage};
 use crate::domain::{Identity, IdentityId, LinkRequest, User, UserId, UserState};
 use crate::error::Error;
-use crate::store::BackfillCounts;
+use crate::store::{BackfillCounts, RunProgress};
 
 /// The page size used unless the operator picks another (Ory's default).
 pub const DEFAULT_PAGE_SIZE: u32 = 250;
@@ -144,6 +146,7 @@ impl IdentityMapper {
             dry_run: options.dry_run,
         };
         let mut cursor = run.as_ref().and_then(|r| r.cursor.clone());
+        let mut walked_again = false;
         if let Some(run) = &run {
             tracing::info!(run = run.id, resumed = report.resumed_from.is_some(), cursor = ?cursor, "backfill started");
         }
@@ -156,29 +159,52 @@ impl IdentityMapper {
                 .identity_page(options.page_size, cursor.as_deref(), &options.retry, cancel)
                 .await
             {
-                Ok(page) => page,
+                Ok(PageRead::Page(page)) => page,
+                // Current Kratos's page tokens expire after an hour, so a run resumed later than
+                // that (or after Ory changed its pagination secret) cannot go on where it stopped.
+                // Walking again from the first page is safe and honest: linking is idempotent, and
+                // identities the run already counted are skipped. Once per invocation, so a Kratos
+                // that refuses every token cannot keep the walk going round.
+                Ok(PageRead::TokenRefused(reason)) if !walked_again => {
+                    tracing::warn!(
+                        %reason,
+                        "Ory refused the page token; walking again from the first page, keeping the run's counts"
+                    );
+                    walked_again = true;
+                    cursor = None;
+                    continue;
+                }
+                Ok(PageRead::TokenRefused(reason)) => {
+                    report.stopped = Some(Stopped::Failed(format!(
+                        "listing Ory identities: Ory refused the page token again after a walk from the first page: {reason}"
+                    )));
+                    break;
+                }
                 Err(stopped) => {
                     report.stopped = Some(stopped);
                     break;
                 }
             };
-            let page_counts = match self.backfill_page(&page.identities, options).await {
-                Ok(mut counts) => {
-                    for rejected in &page.rejected {
-                        tracing::warn!(%rejected, "cannot read an identity Ory listed");
+            let run_id = run.as_ref().map(|r| r.id);
+            let (page_counts, counted) =
+                match self.backfill_page(&page.identities, run_id, options).await {
+                    Ok((mut counts, counted)) => {
+                        for rejected in &page.rejected {
+                            tracing::warn!(%rejected, "cannot read an identity Ory listed");
+                        }
+                        counts.scanned += page.rejected.len() as i64;
+                        counts.failed += page.rejected.len() as i64;
+                        counts.pages = 1;
+                        (counts, counted)
                     }
-                    counts.scanned += page.rejected.len() as i64;
-                    counts.failed += page.rejected.len() as i64;
-                    counts.pages = 1;
-                    counts
-                }
-                Err(e) => {
-                    // The page is done again on resume; linking is idempotent, so whatever part
-                    // of it did commit is found linked then.
-                    report.stopped = Some(Stopped::Failed(describe(&e)));
-                    break;
-                }
-            };
+                    Err(e) => {
+                        // The page is done again on resume; linking is idempotent, and the users this
+                        // run created before stopping are marked as its own, so they still count as
+                        // created then.
+                        report.stopped = Some(Stopped::Failed(describe(&e)));
+                        break;
+                    }
+                };
             let last = page.next_page_token.is_none();
             if let Some(run) = &run
                 && let Err(e) = self
@@ -187,6 +213,7 @@ impl IdentityMapper {
                         run.id,
                         page.next_page_token.as_deref(),
                         page_counts,
+                        &counted,
                         last,
                     )
                     .await
@@ -205,13 +232,19 @@ impl IdentityMapper {
         Ok(report)
     }
 
-    /// Handles one page. `Err` when a dependency is down: the page must be done again.
+    /// Handles one page: its counts, and the identities they cover. `Err` when a dependency is
+    /// down: the page must be done again.
     async fn backfill_page(
         &self,
         identities: &[Identity],
+        run: Option<i64>,
         options: &BackfillOptions,
-    ) -> Result<BackfillCounts, Error> {
+    ) -> Result<(BackfillCounts, Vec<IdentityId>), Error> {
         let ids: Vec<IdentityId> = identities.iter().map(|i| i.id).collect();
+        let progress: HashMap<IdentityId, RunProgress> = match run {
+            Some(run) => self.store.backfill_progress(run, &ids).await?,
+            None => HashMap::new(),
+        };
         let users: HashMap<IdentityId, User> = self
             .store
             .users_by_identities(&ids)
@@ -219,14 +252,29 @@ impl IdentityMapper {
             .into_iter()
             .map(|u| (u.ory_identity_id, u))
             .collect();
+        // Identities this run counted on an earlier page are in its counts already (the walk
+        // started again from the first page) and were dealt with then.
+        let todo: Vec<&Identity> = identities
+            .iter()
+            .filter(|i| !progress.get(&i.id).is_some_and(|p| p.counted))
+            .collect();
         let results: Vec<Result<BackfillCounts, Error>> =
-            futures_util::stream::iter(identities.iter().map(|identity| {
+            futures_util::stream::iter(todo.iter().map(|identity| {
                 let step = plan(identity, users.get(&identity.id));
+                let created_by_run = progress.get(&identity.id).is_some_and(|p| p.created);
                 async move {
-                    if options.dry_run {
-                        return Ok(count(&step));
-                    }
-                    self.backfill_identity(identity, step).await
+                    let counts = if options.dry_run {
+                        count(&step)
+                    } else {
+                        self.backfill_identity(identity, step, run).await?
+                    };
+                    // This run created the user before it stopped mid-page: the page done again
+                    // finds the user linked, but the run's counts do not hold it yet.
+                    Ok(if created_by_run {
+                        count(&Step::Create)
+                    } else {
+                        counts
+                    })
                 }
             }))
             .buffer_unordered(options.concurrency.max(1))
@@ -246,7 +294,7 @@ impl IdentityMapper {
         }
         match outage {
             Some(e) => Err(e),
-            None => Ok(counts),
+            None => Ok((counts, todo.iter().map(|i| i.id).collect())),
         }
     }
 
@@ -254,6 +302,7 @@ impl IdentityMapper {
         &self,
         identity: &Identity,
         step: Step,
+        run: Option<i64>,
     ) -> Result<BackfillCounts, Error> {
         let result = match &step {
             Step::AlreadyLinked => return Ok(count(&step)),
@@ -272,17 +321,12 @@ impl IdentityMapper {
                     user_id: None,
                     external_id: None,
                 };
-                self.link_seen_identity(request, identity).await
+                self.link_seen_identity_in_run(request, identity, run).await
             }
         };
         match result {
             Ok(outcome) => {
                 if outcome.created {
-                    // A user created for a deactivated identity starts as what Ory says it is.
-                    let state = UserState::of_identity(&identity.state);
-                    if state != UserState::Active {
-                        self.record_state(outcome.user.id, state).await?;
-                    }
                     Ok(count(&Step::Create))
                 } else if step == Step::Create {
                     // A concurrent link (a hook, a ResolveSession) got there first.

@@ -1,8 +1,8 @@
 use super::IdentityMapper;
-use crate::domain::{Identity, LinkOutcome, LinkRequest, UserId};
+use crate::domain::{Identity, LinkOutcome, LinkRequest, UserId, UserState};
 use crate::error::{Error, reason};
 use crate::ory::OryError;
-use crate::store::{LinkConflict, LinkResult};
+use crate::store::{LinkConflict, LinkFacts, LinkResult};
 
 impl IdentityMapper {
     /// LinkIdentity: checks that Ory knows the identity, then stores the link and queues the
@@ -24,11 +24,24 @@ impl IdentityMapper {
         self.link_seen_identity(request, &identity).await
     }
 
-    /// Stores a link for an identity just read from Ory.
+    /// Stores a link for an identity just read from Ory (or sent by a hook). Every creation path
+    /// (LinkIdentity, ResolveSession, the registration hook, backfill) comes through here, so a
+    /// new user gets the identity's state in the transaction that creates it.
     pub(super) async fn link_seen_identity(
+        &self,
+        request: LinkRequest,
+        identity: &Identity,
+    ) -> Result<LinkOutcome, Error> {
+        self.link_seen_identity_in_run(request, identity, None)
+            .await
+    }
+
+    /// [`Self::link_seen_identity`] for backfill run `run`, which records the users it creates.
+    pub(super) async fn link_seen_identity_in_run(
         &self,
         mut request: LinkRequest,
         identity: &Identity,
+        run: Option<i64>,
     ) -> Result<LinkOutcome, Error> {
         // An identity that already records a user id in `metadata_public.id` (written by idmap before,
         // say to a database since restored, or minted by a registration hook) keeps it: a new user
@@ -40,21 +53,21 @@ impl IdentityMapper {
         if adopt {
             request.user_id = recorded;
         }
-        let ory_has = identity.metadata_user_id();
-        let mut result = self
-            .store
-            .link(&request, &identity.schema_id, ory_has)
-            .await?;
+        let facts = LinkFacts {
+            schema_id: &identity.schema_id,
+            state: UserState::of_identity(&identity.state),
+            ory_has: identity.metadata_user_id(),
+            backfill_run: run,
+        };
+        let ory_has = facts.ory_has;
+        let mut result = self.store.link(&request, &facts).await?;
         if adopt && let LinkResult::Conflict(LinkConflict::UserLinked { .. }) = result {
             tracing::warn!(
                 identity = %identity.id,
                 "metadata_public.id names a user linked to another identity; minting a new user"
             );
             request.user_id = None;
-            result = self
-                .store
-                .link(&request, &identity.schema_id, ory_has)
-                .await?;
+            result = self.store.link(&request, &facts).await?;
         }
         match result {
             LinkResult::Linked(outcome) => {

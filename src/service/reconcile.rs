@@ -12,10 +12,11 @@
 
 use std::collections::{HashMap, HashSet};
 
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::IdentityMapper;
-use super::walk::{RetryPolicy, Stopped, describe, is_outage, with_retry};
+use super::walk::{PageRead, RetryPolicy, Stopped, describe, is_outage, with_retry};
 use crate::domain::{Identity, IdentityId, User, UserId, UserState};
 use crate::error::Error;
 use crate::ory::OryError;
@@ -58,6 +59,15 @@ pub enum Drift {
     },
     /// `metadata_public.id` is missing (or not a string).
     MetadataMissing { user: UserId, identity: IdentityId },
+    /// `metadata_public` is neither an object nor null, so it has no room for `id`. Not
+    /// repairable by idmap: writing the id would destroy what is there (the outbox parks such
+    /// writes), so an operator must decide.
+    MetadataNotObject {
+        user: UserId,
+        identity: IdentityId,
+        /// What `metadata_public` holds, as JSON.
+        found: String,
+    },
     /// `metadata_public.id` holds something other than the linked user's id.
     MetadataElsewhere {
         user: UserId,
@@ -77,8 +87,14 @@ impl Drift {
             } => "reactivated",
             Self::State { .. } => "inactive",
             Self::MetadataMissing { .. } => "metadata-missing",
+            Self::MetadataNotObject { .. } => "metadata-not-object",
             Self::MetadataElsewhere { .. } => "metadata-elsewhere",
         }
+    }
+
+    /// Whether `--fix` can repair it.
+    pub fn fixable(&self) -> bool {
+        !matches!(self, Self::MetadataNotObject { .. })
     }
 }
 
@@ -103,6 +119,15 @@ impl std::fmt::Display for Drift {
                 f,
                 "{kind}: user {user} identity {identity}: metadata_public.id is not set"
             ),
+            Self::MetadataNotObject {
+                user,
+                identity,
+                found,
+            } => write!(
+                f,
+                "{kind}: user {user} identity {identity}: metadata_public is {found}, not an object; \
+                 idmap will not overwrite it (edit it in Ory, then reconcile again)"
+            ),
             Self::MetadataElsewhere {
                 user,
                 identity,
@@ -112,6 +137,18 @@ impl std::fmt::Display for Drift {
                 "{kind}: user {user} identity {identity}: metadata_public.id is {found:?}"
             ),
         }
+    }
+}
+
+/// Longest piece of an identity's JSON a report line quotes.
+const QUOTE_CHARS: usize = 60;
+
+/// `text`, cut to [`QUOTE_CHARS`] characters (marked with `...`), so a large `metadata_public`
+/// does not flood the report.
+fn abbreviate(text: String) -> String {
+    match text.char_indices().nth(QUOTE_CHARS) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text,
     }
 }
 
@@ -136,6 +173,8 @@ pub struct ReconcileReport {
     pub drifts: HashMap<&'static str, u64>,
     /// Drifts repaired (`--fix`).
     pub fixed: u64,
+    /// Drifts `--fix` cannot repair ([`Drift::fixable`]); they need an operator.
+    pub unfixable: u64,
     /// Identities or users that could not be checked or repaired.
     pub failed: u64,
     /// Why the walk ended early; `None`: everything was checked.
@@ -175,7 +214,15 @@ impl IdentityMapper {
                 .identity_page(options.page_size, cursor.as_deref(), &options.retry, cancel)
                 .await
             {
-                Ok(page) => page,
+                Ok(PageRead::Page(page)) => page,
+                // Only a walk that stalled for an hour on one page meets this; reconcile keeps no
+                // place between runs, so running it again is the way on.
+                Ok(PageRead::TokenRefused(reason)) => {
+                    report.stopped = Some(Stopped::Failed(format!(
+                        "Ory refused the next page's token ({reason}); run idmap reconcile again"
+                    )));
+                    return Ok(report);
+                }
                 Err(stopped) => {
                     report.stopped = Some(stopped);
                     return Ok(report);
@@ -313,7 +360,17 @@ impl IdentityMapper {
             .await?;
         }
         let recorded = identity.metadata_user_id();
-        if recorded != Some(user.id.to_string().as_str()) {
+        if !matches!(identity.metadata_public, Value::Object(_) | Value::Null) {
+            // The outbox would park the write (see `MetadataWrite::NotAnObject`), so queueing it
+            // would repair nothing.
+            let drift = Drift::MetadataNotObject {
+                user: user.id,
+                identity: identity.id,
+                found: abbreviate(identity.metadata_public.to_string()),
+            };
+            self.found(drift, options, observer, report, || async { Ok(()) })
+                .await?;
+        } else if recorded != Some(user.id.to_string().as_str()) {
             let drift = match recorded {
                 None => Drift::MetadataMissing {
                     user: user.id,
@@ -353,7 +410,10 @@ impl IdentityMapper {
         Fut: Future<Output = Result<(), Error>>,
     {
         *report.drifts.entry(drift.kind()).or_default() += 1;
-        if !options.fix {
+        if !drift.fixable() {
+            report.unfixable += 1;
+        }
+        if !options.fix || !drift.fixable() {
             observer.drift(&drift, None);
             return Ok(());
         }
@@ -371,5 +431,18 @@ impl IdentityMapper {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_quotes_are_cut_on_a_character_boundary() {
+        assert_eq!(abbreviate("[1,2]".into()), "[1,2]");
+        let long = "é".repeat(QUOTE_CHARS + 5);
+        let cut = abbreviate(long);
+        assert_eq!(cut, format!("{}...", "é".repeat(QUOTE_CHARS)));
     }
 }

@@ -115,6 +115,15 @@ where
     }
 }
 
+/// What asking Ory for a page gave.
+#[derive(Debug)]
+pub(crate) enum PageRead {
+    Page(IdentityPage),
+    /// Ory refused the page token (Ory's reason attached): it expired, or Kratos no longer
+    /// accepts it. Only a walk from the first page can go on.
+    TokenRefused(String),
+}
+
 impl IdentityMapper {
     /// One page of identities, retried per `policy`.
     pub(crate) async fn identity_page(
@@ -123,10 +132,14 @@ impl IdentityMapper {
         token: Option<&str>,
         policy: &RetryPolicy,
         cancel: &CancellationToken,
-    ) -> Result<IdentityPage, Stopped> {
+    ) -> Result<PageRead, Stopped> {
         let page_size = page_size.clamp(1, MAX_PAGE_SIZE);
-        with_retry(policy, cancel, "listing Ory identities", || {
-            self.ory.list_identities(page_size, token)
+        with_retry(policy, cancel, "listing Ory identities", || async move {
+            match self.ory.list_identities(page_size, token).await {
+                Ok(page) => Ok(PageRead::Page(page)),
+                Err(OryError::PageTokenRefused(reason)) => Ok(PageRead::TokenRefused(reason)),
+                Err(e) => Err(e),
+            }
         })
         .await
     }

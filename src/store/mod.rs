@@ -24,9 +24,9 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use futures_util::FutureExt;
 use secrecy::{ExposeSecret, SecretString};
 
-pub use backfill::{BackfillCounts, BackfillRun};
+pub use backfill::{BackfillCounts, BackfillRun, RunProgress};
 pub use outbox::{OutboxKind, OutboxRow};
-pub use users::{LinkConflict, LinkResult};
+pub use users::{LinkConflict, LinkFacts, LinkResult};
 
 /// Pool sizing and timeouts.
 #[derive(Debug, Clone)]

@@ -37,6 +37,7 @@ pub(super) struct NewUserRow<'a> {
     pub id: Uuid,
     pub ory_identity_id: Uuid,
     pub schema_id: &'a str,
+    pub state: &'a str,
 }
 
 #[derive(Debug, Insertable)]

@@ -19,6 +19,15 @@ diesel::table! {
 }
 
 diesel::table! {
+    backfill_run_identities (run_id, ory_identity_id) {
+        run_id -> Int8,
+        ory_identity_id -> Uuid,
+        created -> Bool,
+        counted -> Bool,
+    }
+}
+
+diesel::table! {
     ory_outbox (id) {
         id -> Int8,
         kind -> Text,
@@ -60,9 +69,11 @@ diesel::table! {
     }
 }
 
+diesel::joinable!(backfill_run_identities -> backfill_runs (run_id));
 diesel::joinable!(user_external_ids -> users (user_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
+    backfill_run_identities,
     backfill_runs,
     ory_outbox,
     pending_users,

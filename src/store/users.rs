@@ -26,6 +26,21 @@ pub enum LinkConflict {
     ExternalIdAlreadySet { external_id: ExternalId },
 }
 
+/// What a link stores of the identity, besides what the request asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkFacts<'a> {
+    /// The identity's schema id, kept current on the user.
+    pub schema_id: &'a str,
+    /// A new user's state: the identity's, so a deactivated identity's user starts inactive. An
+    /// existing user's state is left alone; reconciliation owns its changes.
+    pub state: UserState,
+    /// What Ory records in `metadata_public.id` now; the write is queued unless it names the user.
+    pub ory_has: Option<&'a str>,
+    /// The backfill run linking, if one is: a user it creates is marked as the run's in the same
+    /// transaction, so the run counts it as created even if it must do the page again.
+    pub backfill_run: Option<i64>,
+}
+
 /// The outcome of [`Store::link`].
 #[derive(Debug)]
 pub enum LinkResult {
@@ -140,8 +155,9 @@ impl Store {
         Ok(user.map(|u| (u, changed > 0)))
     }
 
-    /// Links an identity to a user in one transaction: creates or reuses the user (claiming it when
-    /// the pre-persist hook left it pending), sets the external id, and queues the Ory `metadata_public.id` write in the outbox unless `ory_has` (the id Ory
+    /// Links an identity to a user in one transaction: creates (in the identity's state) or reuses
+    /// the user (claiming it when the pre-persist hook left it pending), sets the external id, and
+    /// queues the Ory `metadata_public.id` write in the outbox unless `facts.ory_has` (the id Ory
     /// records now) already names the user.
     ///
     /// Uniqueness is left to PostgreSQL's constraints (`INSERT .. ON CONFLICT DO NOTHING` waits for a
@@ -149,15 +165,12 @@ impl Store {
     pub async fn link(
         &self,
         request: &LinkRequest,
-        schema_id: &str,
-        ory_has: Option<&str>,
+        facts: &LinkFacts<'_>,
     ) -> Result<LinkResult, StoreError> {
         let mut conn = self.conn().await?;
         for _ in 0..LINK_ATTEMPTS {
             let result = conn
-                .transaction::<_, TxError, _>(async |conn| {
-                    link_in_tx(conn, request, schema_id, ory_has).await
-                })
+                .transaction::<_, TxError, _>(async |conn| link_in_tx(conn, request, facts).await)
                 .await;
             match result {
                 Ok(outcome) => return Ok(LinkResult::Linked(outcome)),
@@ -187,9 +200,14 @@ async fn find_by_identity(
 async fn link_in_tx(
     conn: &mut AsyncPgConnection,
     request: &LinkRequest,
-    schema_id: &str,
-    ory_has: Option<&str>,
+    facts: &LinkFacts<'_>,
 ) -> Result<LinkOutcome, TxError> {
+    let LinkFacts {
+        schema_id,
+        state,
+        ory_has,
+        backfill_run,
+    } = *facts;
     let identity = request.ory_identity_id;
     // Lock the identity's user row so concurrent links of one identity run one after the other.
     // (PostgreSQL cannot lock the nullable side of an outer join, so the user row is locked on its
@@ -250,6 +268,7 @@ async fn link_in_tx(
                     id: user_id.as_uuid(),
                     ory_identity_id: identity.as_uuid(),
                     schema_id,
+                    state: state.as_str(),
                 })
                 .on_conflict_do_nothing()
                 .execute(conn)
@@ -279,6 +298,9 @@ async fn link_in_tx(
                 .await?;
             if let Some(external_id) = &request.external_id {
                 insert_external_id(conn, user_id, external_id).await?;
+            }
+            if let Some(run) = backfill_run {
+                super::backfill::mark_created(conn, run, identity).await?;
             }
             (user_id, true)
         }

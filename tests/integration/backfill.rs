@@ -13,7 +13,9 @@ use idmap::service::{
     BackfillOptions, Drift, ReconcileObserver, ReconcileOptions, RetryPolicy, Stopped,
 };
 use idmap::store::BackfillCounts;
-use kratos_emulator::{Emulator, EmulatorConfig, Fault, NewIdentity, Route};
+use kratos_emulator::{
+    Emulator, EmulatorConfig, Fault, LinkHeader, NewIdentity, PageTokens, Route,
+};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -41,7 +43,7 @@ fn options(page_size: u32) -> BackfillOptions {
 /// rate limit so thousands of identities take seconds.
 async fn app(db: &TestDb, ory: &Emulator) -> idmap::App {
     let mut config = config(db, ory);
-    config.ory.admin_rps = None;
+    config.ory.admin_rps = std::num::NonZeroU32::new(10);
     idmap::App::build(config).await.expect("build the app")
 }
 
@@ -251,6 +253,229 @@ async fn backfill_of_thousands_resumes_after_interruptions_without_duplicates_or
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_follows_next_links_sent_in_a_link_header_of_their_own() {
+    // Older ory/x sends rel="first" and rel="next" as two Link headers; reading only the first
+    // header would end the walk after one page and report it complete.
+    let db = TestDb::new().await;
+    let ory = Emulator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        EmulatorConfig {
+            link_header: LinkHeader::Split,
+            page_tokens: PageTokens::LastId,
+            ..EmulatorConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let seeded: HashSet<Uuid> = seed(&ory, 45, "split").into_iter().collect();
+    let app = app(&db, &ory).await;
+    let report = app
+        .mapper()
+        .backfill(
+            &options(10),
+            &|_: &BackfillCounts| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert!(report.is_success(), "{report:?}");
+    assert_eq!((report.counts.pages, report.counts.scanned), (5, 45));
+    assert_eq!(ory.calls(Route::AdminRead), 5);
+    let linked: HashSet<Uuid> = links(&db).await.into_iter().map(|(i, _)| i).collect();
+    assert_eq!(linked, seeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_resumed_after_its_page_token_expired_walks_again_from_the_first_page() {
+    let db = TestDb::new().await;
+    let ory = emulator().await;
+    let mut seeded: HashSet<Uuid> = seed(&ory, 50, "expiry").into_iter().collect();
+    let app = app(&db, &ory).await;
+    let mapper = app.mapper();
+    let options = options(10);
+
+    let cancel = CancellationToken::new();
+    let stop_after_2 = |c: &BackfillCounts| {
+        if c.pages == 2 {
+            cancel.cancel();
+        }
+    };
+    let first = mapper
+        .backfill(&options, &stop_after_2, &cancel)
+        .await
+        .unwrap();
+    assert_eq!(first.stopped, Some(Stopped::Interrupted));
+    assert_eq!(first.counts.created, 20);
+
+    // More than an hour later: Kratos refuses the saved token. Meanwhile people registered, some of
+    // them (with ids sorting below the saved place) where the walk had already been.
+    ory.expire_page_tokens();
+    seeded.extend(seed(&ory, 5, "meanwhile"));
+    ory.reset_calls();
+    let resumed = mapper
+        .backfill(
+            &options,
+            &|_: &BackfillCounts| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert!(resumed.is_success(), "{resumed:?}");
+    assert!(resumed.resumed_from.is_some());
+    // The refused call, then every page from the first.
+    assert_eq!(ory.calls(Route::AdminRead), 1 + 6);
+    // Counted once each: the identities of the first walk's two pages are not counted again.
+    assert_eq!(resumed.counts.scanned, 55);
+    assert_eq!(resumed.counts.created, 55);
+    assert_eq!(resumed.counts.already_linked, 0);
+    let linked = links(&db).await;
+    assert_eq!(linked.len(), 55);
+    let identities: HashSet<Uuid> = linked.iter().map(|(i, _)| *i).collect();
+    assert_eq!(identities, seeded);
+    assert_eq!(
+        db.count("SELECT count(*) FROM backfill_run_identities")
+            .await,
+        0
+    );
+
+    // A Kratos that keeps refusing tokens stops the run instead of walking round: once refused
+    // on resume, the first page read, the next token refused again.
+    let cancel = CancellationToken::new();
+    let stop_after_1 = |_: &BackfillCounts| cancel.cancel();
+    mapper
+        .backfill(&options, &stop_after_1, &cancel)
+        .await
+        .unwrap();
+    ory.inject_fault(Route::AdminRead, Fault::status(400).times(1));
+    ory.inject_fault(Route::AdminRead, Fault::delay_only(Duration::ZERO).times(1));
+    ory.inject_fault(Route::AdminRead, Fault::status(400).times(1));
+    let stuck = mapper
+        .backfill(
+            &options,
+            &|_: &BackfillCounts| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(&stuck.stopped, Some(Stopped::Failed(why)) if why.contains("refused")),
+        "{:?}",
+        stuck.stopped
+    );
+    assert_eq!(db.count("SELECT count(*) FROM users").await, 55);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_stopped_in_the_middle_of_a_page_resumes_without_duplicates_misses_or_miscounts() {
+    let db = TestDb::new().await;
+    let ory = emulator().await;
+    let mut seeded = seed(&ory, 50, "midpage");
+    seeded.sort();
+    let app = app(&db, &ory).await;
+    let mapper = app.mapper();
+    let options = options(10);
+
+    // The database fails one link of the third page (identities are listed in id order), as if it
+    // went down while the page was half done: the rest of the page commits, the cursor stays.
+    let victim = seeded[24];
+    execute(
+        &db,
+        &format!(
+            "CREATE FUNCTION fail_one() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               RAISE EXCEPTION 'the database system is shutting down (test)'; END $$; \
+             CREATE TRIGGER fail_one BEFORE INSERT ON users FOR EACH ROW \
+               WHEN (NEW.ory_identity_id = '{victim}') EXECUTE FUNCTION fail_one();"
+        ),
+    )
+    .await;
+    let stopped = mapper
+        .backfill(
+            &options,
+            &|_: &BackfillCounts| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(&stopped.stopped, Some(Stopped::Failed(_))),
+        "{:?}",
+        stopped.stopped
+    );
+    assert_eq!(stopped.counts.pages, 2);
+    assert_eq!(stopped.counts.created, 20);
+    // The other nine identities of the third page were linked before the page failed.
+    assert_eq!(db.count("SELECT count(*) FROM users").await, 29);
+
+    // The database is back; the run resumes at the third page and does it again.
+    execute(
+        &db,
+        "DROP TRIGGER fail_one ON users; DROP FUNCTION fail_one();",
+    )
+    .await;
+    let resumed = mapper
+        .backfill(
+            &options,
+            &|_: &BackfillCounts| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert!(resumed.is_success(), "{resumed:?}");
+    // The nine users the run made before it stopped still count as created by it.
+    assert_eq!(
+        resumed.counts,
+        BackfillCounts {
+            pages: 5,
+            scanned: 50,
+            created: 50,
+            already_linked: 0,
+            queued: 0,
+            drifted: 0,
+            failed: 0,
+        }
+    );
+    let linked = links(&db).await;
+    assert_eq!(linked.len(), 50);
+    let identities: HashSet<Uuid> = linked.iter().map(|(i, _)| *i).collect();
+    assert_eq!(identities, seeded.iter().copied().collect());
+    assert_eq!(db.count("SELECT count(*) FROM ory_outbox").await, 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_calls_ory_no_faster_than_the_admin_rate_limit() {
+    let db = TestDb::new().await;
+    let ory = emulator().await;
+    seed(&ory, 40, "rps");
+    let mut config = config(&db, &ory);
+    // IDMAP_ORY_ADMIN_RPS=10: one call per 100 ms at most.
+    config.ory.admin_rps = std::num::NonZeroU32::new(10);
+    let app = idmap::App::build(config).await.unwrap();
+    ory.reset_calls();
+
+    let started = tokio::time::Instant::now();
+    let report = app
+        .mapper()
+        .backfill(
+            &options(5),
+            &|_: &BackfillCounts| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    assert!(report.is_success(), "{report:?}");
+    // Eight pages, one list call each and no other admin call: seven waits of 100 ms between them.
+    // Only a lower bound: a slow machine may take longer, never less (a few ms are allowed for
+    // the limiter's clock not being tokio's).
+    assert_eq!(ory.calls(Route::AdminRead), 8);
+    assert_eq!(ory.calls(Route::AdminWrite), 0);
+    assert!(
+        elapsed >= Duration::from_millis(700 - 10),
+        "8 admin calls in {elapsed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_restart_starts_over_and_dry_run_writes_nothing() {
     let db = TestDb::new().await;
     let ory = emulator().await;
@@ -376,6 +601,14 @@ async fn backfill_skips_correct_identities_and_goes_through_the_link_path() {
     );
     assert_eq!(db.count("SELECT count(*) FROM pending_users").await, 0);
     assert_eq!(user_state(&db, inactive).await, "inactive");
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM users WHERE ory_identity_id = '{inactive}' AND updated_at = created_at"
+        ))
+        .await,
+        1,
+        "the state is written with the user, in the link's transaction"
+    );
     assert_eq!(user_state(&db, restored).await, "active");
 
     // Writes were queued only where Ory lacks the right id: the lost one and the inactive one.
@@ -581,6 +814,62 @@ async fn reconcile_reports_then_fixes_every_kind_of_drift() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_reports_metadata_that_is_not_an_object_as_unfixable() {
+    let db = TestDb::new().await;
+    let ory = emulator().await;
+    let ids = seed(&ory, 6, "notobj");
+    let app = app(&db, &ory).await;
+    let mapper = app.mapper();
+    let never = CancellationToken::new();
+    mapper
+        .backfill(&options(10), &|_: &BackfillCounts| {}, &never)
+        .await
+        .unwrap();
+    deliver_outbox(&db, &ory).await;
+    // Someone stored a list where idmap keeps an object: adding `id` would destroy it.
+    let odd = ids[2];
+    ory.patch_identity(
+        odd,
+        &json!([{"op": "replace", "path": "/metadata_public", "value": ["legacy", 1]}]),
+    )
+    .unwrap();
+    let expected = format!(
+        "metadata-not-object: user {} identity {odd}: metadata_public is [\"legacy\",1], not an \
+         object; idmap will not overwrite it (edit it in Ory, then reconcile again)",
+        user_of(&db, odd).await
+    );
+    let lines = Lines::default();
+    let report_only = ReconcileOptions {
+        page_size: 10,
+        fix: false,
+        retry: quick_retry(),
+    };
+
+    let report = mapper
+        .reconcile(&report_only, &lines, &never)
+        .await
+        .unwrap();
+    assert_eq!(lines.take(), vec![expected.clone()]);
+    assert_eq!(report.drifts.get("metadata-not-object"), Some(&1));
+    assert_eq!(report.drifts.get("metadata-missing"), None);
+    assert_eq!(report.unfixable, 1);
+
+    // --fix leaves it alone: not counted fixed, nothing queued for the outbox to park.
+    let fix = ReconcileOptions {
+        fix: true,
+        ..report_only
+    };
+    let report = mapper.reconcile(&fix, &lines, &never).await.unwrap();
+    assert_eq!(lines.take(), vec![expected], "no [fixed] suffix");
+    assert_eq!((report.fixed, report.unfixable, report.failed), (0, 1, 0));
+    assert_eq!(db.count("SELECT count(*) FROM ory_outbox").await, 0);
+    let summary = idmap::backfill::reconcile_summary(&report);
+    assert!(summary.contains("metadata-not-object: 1"), "{summary}");
+    assert!(summary.contains("fixed:              0"), "{summary}");
+    assert!(summary.contains("not fixable:        1"), "{summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_confirms_a_missing_identity_before_marking_it_deleted() {
     let db = TestDb::new().await;
     let ory = emulator().await;
@@ -672,6 +961,21 @@ mod binary {
         assert_eq!(code, 2, "{stdout}");
         assert_eq!(stdout.matches("metadata-missing: user ").count(), 30);
         assert!(stdout.contains("metadata-missing:   30"), "{stdout}");
+
+        // --fix queues the 29 writes it can; the identity whose metadata_public is not an object
+        // is left to an operator, so drift remains: exit 2.
+        let odd = links(&db).await[0].0;
+        ory.patch_identity(
+            odd,
+            &json!([{"op": "replace", "path": "/metadata_public", "value": "legacy"}]),
+        )
+        .unwrap();
+        let (code, stdout, _) = run(idmap(&["reconcile", "--fix"], &db, &ory)).await;
+        assert_eq!(code, 2, "{stdout}");
+        assert!(stdout.contains("metadata-missing:   29"), "{stdout}");
+        assert!(stdout.contains("metadata-not-object: 1"), "{stdout}");
+        assert!(stdout.contains("fixed:              29"), "{stdout}");
+        assert!(stdout.contains("not fixable:        1"), "{stdout}");
 
         // Ory refuses the credentials: the walk stops at once, the summary says so, exit 1.
         let guarded = Emulator::start(

@@ -149,6 +149,56 @@ async fn registration_hook_creates_the_user_and_queues_the_metadata_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_hook_creates_an_inactive_identitys_user_inactive() {
+    let env = env().await;
+    let hooks = Hooks::new(&env);
+    let state_of = |user_id: String| {
+        let db = &env.db;
+        async move {
+            // `updated_at = created_at`: the state came with the insert, not a later update.
+            db.count(&format!(
+                "SELECT count(*) FROM users WHERE id = '{user_id}' \
+                 AND state = 'inactive' AND updated_at = created_at"
+            ))
+            .await
+        }
+    };
+
+    // Created by the post-persist hook.
+    let mut identity = stored_identity(&env, "asleep@example.com", None);
+    identity["state"] = json!("inactive");
+    let (status, body) = hooks
+        .post(REGISTRATION, &json!({ "identity": identity }))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        state_of(body["user_id"].as_str().unwrap().to_owned()).await,
+        1
+    );
+
+    // Claimed from the pre-persist hook's reservation.
+    let (_, pre) = hooks
+        .post(
+            PRE_PERSIST,
+            &json!({ "identity": new_identity("dozing@example.com", Value::Null) }),
+        )
+        .await;
+    let metadata = pre["identity"]["metadata_public"].clone();
+    let mut identity = stored_identity(&env, "dozing@example.com", Some(metadata.clone()));
+    identity["state"] = json!("inactive");
+    let (status, body) = hooks
+        .post(REGISTRATION, &json!({ "identity": identity }))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["user_id"], metadata["id"]);
+    assert_eq!(
+        state_of(body["user_id"].as_str().unwrap().to_owned()).await,
+        1
+    );
+    assert_eq!(counts(&env).await.0, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_hook_answers_without_calling_ory() {
     // Ory is unreachable: the hook still links, and the metadata write waits in the outbox.
     let db = TestDb::new().await;
@@ -274,6 +324,49 @@ async fn pre_persist_hook_mints_a_pending_user_and_returns_the_whole_metadata() 
     assert_eq!(status, 200);
     assert_eq!(body, json!({}));
     assert_eq!(env.db.count("SELECT count(*) FROM pending_users").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_persist_hook_overlapping_deliveries_give_one_user() {
+    // Kratos retried while the first attempt was still running: both deliveries answer, each with
+    // an id of its own, and Ory keeps one of the answers.
+    let env = env().await;
+    let hooks = Hooks::new(&env);
+    let body = json!({ "identity": new_identity("twice@example.com", json!({"plan": "free"})) });
+    let (first, second) = tokio::join!(
+        hooks.post(PRE_PERSIST, &body),
+        hooks.post(PRE_PERSIST, &body)
+    );
+    assert_eq!((first.0, second.0), (200, 200), "{first:?} {second:?}");
+    let minted = |answer: &Value| answer["identity"]["metadata_public"]["id"].clone();
+    assert_ne!(minted(&first.1), minted(&second.1));
+    assert_eq!(counts(&env).await, (0, 2, 0), "two pending ids");
+
+    // Ory stored the second answer; its post-persist hook claims that id.
+    let kept = second.1["identity"]["metadata_public"].clone();
+    let identity = stored_identity(&env, "twice@example.com", Some(kept.clone()));
+    let (status, answer) = hooks
+        .post(REGISTRATION, &json!({ "identity": identity }))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["user_id"], kept["id"]);
+    assert_eq!(counts(&env).await, (1, 1, 0));
+
+    // The other id is swept once its reservation lapses; the user stays, alone.
+    let store = Store::new(&env.db.url(), &PoolOptions::default()).unwrap();
+    let sweeper = PendingSweeper::new(store, PendingSettings::with_ttl(Duration::from_secs(3600)));
+    let later = Utc::now() + chrono::Duration::minutes(61);
+    assert_eq!(sweeper.sweep(later).await.unwrap(), 1);
+    assert_eq!(counts(&env).await, (1, 0, 0));
+    assert_eq!(
+        env.db
+            .count(&format!(
+                "SELECT count(*) FROM users WHERE id = '{}'",
+                kept["id"].as_str().unwrap()
+            ))
+            .await,
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -446,6 +539,46 @@ async fn settings_hook_keeps_the_schema_id_current() {
     assert_eq!(env.db.count("SELECT count(*) FROM users").await, 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_hook_overlapping_deliveries_update_the_one_user() {
+    let env = env().await;
+    let hooks = Hooks::new(&env);
+    let mut identity = stored_identity(&env, "busy@example.com", None);
+    let identity_id = id_of(&identity);
+    let (_, registered) = hooks
+        .post(REGISTRATION, &json!({ "identity": identity.clone() }))
+        .await;
+
+    identity["schema_id"] = json!("employee");
+    let body = json!({ "identity": identity });
+    let answers = futures::future::join_all((0..8).map(|_| hooks.post(SETTINGS, &body))).await;
+    for (status, answer) in &answers {
+        assert_eq!(*status, 200, "{answer}");
+        assert_eq!(answer["user_id"], registered["user_id"]);
+    }
+    assert_eq!(env.db.count("SELECT count(*) FROM users").await, 1);
+    assert_eq!(
+        env.db
+            .count(&format!(
+                "SELECT count(*) FROM users WHERE ory_identity_id = '{identity_id}' \
+                 AND schema_id = 'employee'"
+            ))
+            .await,
+        1
+    );
+
+    // Overlapping deliveries for an identity without a user create none.
+    let stranger = json!({ "identity": stored_identity(&env, "nobody@example.com", None) });
+    let answers = futures::future::join_all((0..4).map(|_| hooks.post(SETTINGS, &stranger))).await;
+    assert!(
+        answers
+            .iter()
+            .all(|(s, a)| *s == 200 && a["user_id"].is_null()),
+        "{answers:?}"
+    );
+    assert_eq!(env.db.count("SELECT count(*) FROM users").await, 1);
+}
+
 // === authentication ===
 
 fn basic(password: &str) -> String {
@@ -559,23 +692,92 @@ async fn bodies_over_one_mebibyte_are_413() {
     let env = env().await;
     let hooks = Hooks::new(&env);
     let identity_id = Uuid::new_v4();
-    let with_padding = |bytes: usize| {
+    let with_padding = |id: &str, bytes: usize| {
         json!({ "identity": {
-            "id": identity_id, "schema_id": "customer",
+            "id": id, "schema_id": "customer",
             "traits": { "email": "big@example.com", "bio": "x".repeat(bytes) }
         }})
     };
+    let stored = identity_id.to_string();
 
-    let (status, answer) = hooks.post(REGISTRATION, &with_padding(1024 * 1024)).await;
-    assert_eq!(status, 413, "{answer}");
-    message_text(&answer);
+    for (path, id) in [
+        (REGISTRATION, stored.as_str()),
+        (PRE_PERSIST, NIL),
+        (SETTINGS, stored.as_str()),
+    ] {
+        let (status, answer) = hooks.post(path, &with_padding(id, 1024 * 1024)).await;
+        assert_eq!(status, 413, "{path}: {answer}");
+        message_text(&answer);
+    }
     assert_eq!(counts(&env).await, (0, 0, 0));
 
     // Just under the limit is fine.
     let (status, answer) = hooks
-        .post(REGISTRATION, &with_padding(1024 * 1024 - 512))
+        .post(REGISTRATION, &with_padding(&stored, 1024 * 1024 - 512))
         .await;
     assert_eq!(status, 200, "{answer}");
+}
+
+/// Posts `body` in chunks with `Transfer-Encoding: chunked` and no `Content-Length`, as a client
+/// streaming a body does, so the limit cannot be checked before reading. Returns the status line
+/// and the response body.
+async fn post_chunked(addr: std::net::SocketAddr, path: &str, body: &[u8]) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {SECRET}\r\n\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    // Read while writing: the server may answer (and stop reading) before the body ends.
+    let reader = tokio::spawn(async move {
+        let mut response = Vec::new();
+        // A reset after the answer (the server closed with body bytes unread) ends the read.
+        let _ = read.read_to_end(&mut response).await;
+        String::from_utf8_lossy(&response).into_owned()
+    });
+    for chunk in body.chunks(64 * 1024) {
+        let framed = [
+            format!("{:x}\r\n", chunk.len()).as_bytes(),
+            chunk,
+            b"\r\n".as_slice(),
+        ]
+        .concat();
+        if write.write_all(&framed).await.is_err() {
+            break;
+        }
+    }
+    let _ = write.write_all(b"0\r\n\r\n").await;
+    let response = reader.await.unwrap();
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP response: {response:?}"));
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    (status, body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_bodies_over_one_mebibyte_are_413() {
+    let env = env().await;
+    let big = json!({ "identity": {
+        "id": NIL, "schema_id": "customer",
+        "traits": { "email": "stream@example.com", "bio": "x".repeat(2 * 1024 * 1024) }
+    }})
+    .to_string();
+    for path in [REGISTRATION, PRE_PERSIST, SETTINGS] {
+        let (status, body) = post_chunked(env.server.http_addr, path, big.as_bytes()).await;
+        assert!(status.starts_with("HTTP/1.1 413"), "{path}: {status}");
+        // The body may be chunk-framed; the messages format is inside either way.
+        assert!(body.contains("\"messages\""), "{path}: {body}");
+    }
+    assert_eq!(counts(&env).await, (0, 0, 0));
+
+    // A small chunked body is read like any other.
+    let small = json!({ "identity": new_identity("small@example.com", json!({})) }).to_string();
+    let (status, body) = post_chunked(env.server.http_addr, PRE_PERSIST, small.as_bytes()).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}: {body}");
+    assert_eq!(counts(&env).await, (0, 1, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -57,6 +57,49 @@ async fn link_creates_a_user_once_and_is_idempotent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_users_start_in_their_identitys_state() {
+    let env = Env::new().await;
+    let inactive = id_of(&env.ory.create_identity(NewIdentity {
+        schema_id: "customer".into(),
+        traits: json!({"email": "dormant@example.com"}),
+        state: Some("inactive".into()),
+        ..NewIdentity::default()
+    }));
+    let response = call(&mut env.client(), link(inactive, "", ""))
+        .await
+        .unwrap();
+    assert!(response.created);
+    assert_eq!(response.user.unwrap().state, "inactive");
+    // Written by the insert itself, not by a later update: no moment where the user is active.
+    assert_eq!(
+        env.db
+            .count(&format!(
+                "SELECT count(*) FROM users WHERE ory_identity_id = '{inactive}' \
+                 AND state = 'inactive' AND updated_at = created_at"
+            ))
+            .await,
+        1
+    );
+
+    // ResolveSession links just in time through the same path (Ory only lets sessions of active
+    // identities through whoami, so its users start active).
+    let (active, session) = env.customer("awake@example.com");
+    let resolved = env
+        .client()
+        .resolve_session(idmap::proto::api::ResolveSessionRequest {
+            credential: Some(
+                idmap::proto::api::resolve_session_request::Credential::SessionToken(session.token),
+            ),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let user = resolved.user.unwrap();
+    assert_eq!(user.ory_identity_id, active.to_string());
+    assert_eq!(user.state, "active");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn link_with_a_chosen_user_id_uses_it() {
     let env = Env::new().await;
     let identity_id = identity(&env.ory, "employee", "chosen@example.com");

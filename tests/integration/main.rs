@@ -11,6 +11,7 @@ mod bench;
 mod binary;
 mod cache;
 mod database;
+mod deploy;
 mod hooks;
 mod link;
 mod lookup;

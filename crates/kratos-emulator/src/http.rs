@@ -12,7 +12,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::{
-    Emulator, Fault, Listener, Port, RequiredAal, Route, herodot,
+    Emulator, Fault, LinkHeader, Listener, Port, RequiredAal, Route, herodot, page_tokens,
     store::{ApiError, IdentityInput, Shape, UpdateInput, now},
 };
 
@@ -21,8 +21,6 @@ const JSON_UTF8: &str = "application/json; charset=utf-8";
 const JSON: &str = "application/json";
 const MAX_PAGE_SIZE: usize = 500;
 const DEFAULT_PAGE_SIZE: usize = 250;
-/// The first page's keyset token: every identity id sorts after the nil UUID.
-const FIRST_PAGE_TOKEN: &str = "00000000-0000-0000-0000-000000000000";
 const CREDENTIAL_TYPES: [&str; 13] = [
     "password",
     "oidc",
@@ -527,20 +525,23 @@ fn parse_size(query: &[(String, String)], key: &str) -> Result<Option<usize>, Ap
 fn list_identities(emu: &Emulator, uri: &Uri, query: &[(String, String)]) -> Response {
     match list_identities_inner(emu, uri, query) {
         Ok((list, link)) => {
-            let headers: Vec<(String, String)> = link
-                .map(|l| vec![("Link".to_string(), l)])
-                .unwrap_or_default();
+            let headers: Vec<(String, String)> = match emu.inner.config.link_header {
+                _ if link.is_empty() => Vec::new(),
+                LinkHeader::Joined => vec![("Link".to_string(), link.join(","))],
+                LinkHeader::Split => link.into_iter().map(|l| ("Link".to_string(), l)).collect(),
+            };
             json_ok(200, &Value::Array(list), &headers)
         }
         Err(e) => api_err(e),
     }
 }
 
+/// The page and the entries of its `Link` header (none for the unpaginated forms).
 fn list_identities_inner(
     emu: &Emulator,
     uri: &Uri,
     query: &[(String, String)],
-) -> Result<(Vec<Value>, Option<String>), ApiError> {
+) -> Result<(Vec<Value>, Vec<String>), ApiError> {
     check_include_credential(query)?;
     let values = |key: &str| -> Vec<&str> {
         query
@@ -582,7 +583,7 @@ fn list_identities_inner(
             .filter_map(|id| store.identities.get(id))
             .map(|i| i.to_json(base, Shape::AdminNoCredentials))
             .collect();
-        return Ok((list, None));
+        return Ok((list, Vec::new()));
     }
 
     let page_size = match (
@@ -620,7 +621,7 @@ fn list_identities_inner(
             .take(page_size)
             .map(|i| i.to_json(base, shape))
             .collect();
-        return Ok((list, None));
+        return Ok((list, Vec::new()));
     }
 
     let token = query
@@ -630,9 +631,7 @@ fn list_identities_inner(
         .filter(|v| !v.is_empty());
     let after = match token {
         None => Uuid::nil(),
-        Some(t) => Uuid::parse_str(t).map_err(|_| {
-            ApiError::bad_request("The page token is invalid, do not craft your own page tokens")
-        })?,
+        Some(t) => page_tokens::parse(emu, t)?,
     };
     let mut page: Vec<&crate::store::Identity> = matches
         .filter(|i| i.id > after)
@@ -658,13 +657,12 @@ fn list_identities_inner(
         }
         format!("<{}?{}>; rel=\"{rel}\"", uri.path(), q.finish())
     };
-    let mut link = link_for("first", FIRST_PAGE_TOKEN);
+    let mut link = vec![link_for("first", &page_tokens::issue(emu, Uuid::nil()))];
     if let Some(last) = page.last().filter(|_| has_next) {
-        link.push(',');
-        link.push_str(&link_for("next", &last.id.to_string()));
+        link.push(link_for("next", &page_tokens::issue(emu, last.id)));
     }
     let list = page.iter().map(|i| i.to_json(base, shape)).collect();
-    Ok((list, Some(link)))
+    Ok((list, link))
 }
 
 /// `createIdentityBody`, decoded strictly like Kratos' `jsonx.NewStrictDecoder`.

@@ -14,6 +14,7 @@
 
 mod herodot;
 mod http;
+mod page_tokens;
 mod patch;
 mod store;
 
@@ -49,6 +50,42 @@ pub enum RequiredAal {
     HighestAvailable,
 }
 
+/// How `GET /admin/identities` makes its keyset page tokens. Kratos versions differ, and a client
+/// must cope with both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageTokens {
+    /// Older Kratos (ory/x `keysetpagination`): the token is the page's last identity id, valid
+    /// for ever.
+    LastId,
+    /// Current Kratos and Ory Network (ory/x `keysetpagination_v2`): an opaque token (Kratos
+    /// encrypts it) that expires `ttl` after it was issued. An expired token is refused with 400,
+    /// reason `page token expired, do not persist page tokens`.
+    Expiring {
+        /// ory/x gives every token one hour.
+        ttl: Duration,
+    },
+}
+
+impl Default for PageTokens {
+    fn default() -> Self {
+        Self::Expiring {
+            ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// How `GET /admin/identities` sends its `Link` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LinkHeader {
+    /// One `Link` header, its `rel="first"` and `rel="next"` entries joined by a comma (current
+    /// ory/x).
+    #[default]
+    Joined,
+    /// `rel="first"` and `rel="next"` as two separate `Link` headers (older ory/x, which `Set` the
+    /// first and `Add`ed the next).
+    Split,
+}
+
 /// Emulator settings, mirroring the Kratos configuration keys that change whoami and the admin API.
 #[derive(Debug, Clone)]
 pub struct EmulatorConfig {
@@ -69,6 +106,10 @@ pub struct EmulatorConfig {
     /// (`identity/handler.go`, `x.RedirectToAdminRoute`), and the admin listener sends
     /// `/sessions/whoami` to the public one. `false` is Ory Network: one listener for both.
     pub separate_admin_listener: bool,
+    /// The page tokens of `GET /admin/identities`.
+    pub page_tokens: PageTokens,
+    /// The `Link` header of `GET /admin/identities`.
+    pub link_header: LinkHeader,
 }
 
 impl Default for EmulatorConfig {
@@ -79,6 +120,8 @@ impl Default for EmulatorConfig {
             cacheable_sessions_max_age: None,
             session_cookie_name: "ory_kratos_session".into(),
             separate_admin_listener: false,
+            page_tokens: PageTokens::default(),
+            link_header: LinkHeader::default(),
         }
     }
 }
@@ -354,6 +397,10 @@ pub(crate) struct Inner {
     changes: watch::Sender<u64>,
     /// Bumped after every counted call so `wait_for_calls` can re-check without polling.
     calls_changed: watch::Sender<u64>,
+    /// Serial number of the next page token issued.
+    pub(crate) next_page_token: AtomicU64,
+    /// Page tokens with a serial number below this are expired ([`Emulator::expire_page_tokens`]).
+    pub(crate) page_tokens_valid_from: AtomicU64,
     servers: Mutex<Vec<Server>>,
 }
 
@@ -451,6 +498,8 @@ impl Emulator {
                 calls: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
                 changes,
                 calls_changed,
+                next_page_token: AtomicU64::new(0),
+                page_tokens_valid_from: AtomicU64::new(0),
                 servers: Mutex::new(Vec::new()),
             }),
         };
@@ -716,6 +765,17 @@ impl Emulator {
     /// faulted ones included.
     pub fn calls(&self, route: Route) -> u64 {
         self.inner.calls[route.index()].load(Ordering::Relaxed)
+    }
+
+    /// Makes every page token issued so far expired, as if its hour had passed: Kratos then
+    /// refuses it with 400 (`page token expired, do not persist page tokens`). Tokens issued later
+    /// are valid. Tests use it rather than waiting; with [`PageTokens::LastId`], which never
+    /// expire, it changes nothing.
+    pub fn expire_page_tokens(&self) {
+        let issued = self.inner.next_page_token.load(Ordering::SeqCst);
+        self.inner
+            .page_tokens_valid_from
+            .fetch_max(issued, Ordering::SeqCst);
     }
 
     /// Zeroes all call counters.

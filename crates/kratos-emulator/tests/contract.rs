@@ -6,7 +6,8 @@
 use std::{collections::HashSet, time::Duration};
 
 use kratos_emulator::{
-    Emulator, EmulatorConfig, Fault, Gate, NewIdentity, NewSession, RequiredAal, Route,
+    Emulator, EmulatorConfig, Fault, Gate, LinkHeader, NewIdentity, NewSession, PageTokens,
+    RequiredAal, Route,
 };
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{Value, json};
@@ -695,6 +696,147 @@ async fn admin_list_keyset_pagination() {
     assert_eq!(by_ident.len(), 1);
     assert_eq!(by_ident[0]["traits"]["email"], "user7@example.com");
     assert!(by_ident[0]["credentials"]["password"].is_object());
+    emu.shutdown().await;
+}
+
+/// Every `page_token` of the `rel` entries of a response's Link header(s).
+fn link_tokens(res: &reqwest::Response, rel: &str) -> Vec<String> {
+    res.headers()
+        .get_all("link")
+        .iter()
+        .filter_map(|v| link_rel(v.to_str().unwrap(), rel))
+        .map(|target| {
+            let url = url::Url::parse("http://x").unwrap().join(&target).unwrap();
+            url.query_pairs()
+                .find(|(k, _)| k == "page_token")
+                .map(|(_, v)| v.into_owned())
+                .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn admin_list_page_tokens_expire_like_keysetpagination_v2() {
+    let (emu, http) = start_default().await;
+    for i in 0..3 {
+        emu.create_identity(person(&format!("exp{i}@example.com")));
+    }
+    let list = |token: Option<&str>| {
+        let mut request = http
+            .get(format!("{}/admin/identities", emu.url()))
+            .query(&[("page_size", "1")]);
+        if let Some(token) = token {
+            request = request.query(&[("page_token", token)]);
+        }
+        request.send()
+    };
+    let first = list(None).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let next = link_tokens(&first, "next");
+    let [next] = next.as_slice() else {
+        panic!("one next link: {next:?}")
+    };
+    // Opaque: not an identity id a client could build itself.
+    assert!(Uuid::parse_str(next).is_err(), "{next}");
+    assert_eq!(list(Some(next)).await.unwrap().status(), StatusCode::OK);
+
+    emu.expire_page_tokens();
+    let refused = list(Some(next)).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(header(&refused, "content-type"), Some("application/json"));
+    assert_eq!(
+        refused.text().await.unwrap(),
+        r#"{"error":{"code":400,"status":"Bad Request","reason":"page token expired, do not persist page tokens","message":"The request was malformed or contained invalid parameters"}}"#
+    );
+    // Walking again from the first page hands out fresh tokens.
+    let again = list(None).await.unwrap();
+    let fresh = link_tokens(&again, "next");
+    assert_eq!(
+        list(Some(&fresh[0])).await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    // A token whose hour has passed is refused the same way.
+    let (short, http) = start(EmulatorConfig {
+        page_tokens: PageTokens::Expiring {
+            ttl: Duration::ZERO,
+        },
+        ..EmulatorConfig::default()
+    })
+    .await;
+    short.create_identity(person("a@example.com"));
+    short.create_identity(person("b@example.com"));
+    let first = http
+        .get(format!("{}/admin/identities?page_size=1", short.url()))
+        .send()
+        .await
+        .unwrap();
+    let next = link_tokens(&first, "next");
+    let refused = http
+        .get(format!("{}/admin/identities", short.url()))
+        .query(&[("page_size", "1"), ("page_token", next[0].as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        json_body(refused).await["error"]["reason"],
+        "page token expired, do not persist page tokens"
+    );
+    emu.shutdown().await;
+    short.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_list_legacy_tokens_and_split_link_headers() {
+    let (emu, http) = start(EmulatorConfig {
+        page_tokens: PageTokens::LastId,
+        link_header: LinkHeader::Split,
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let mut ids: Vec<Uuid> = (0..3)
+        .map(|i| id_of(&emu.create_identity(person(&format!("old{i}@example.com")))))
+        .collect();
+    ids.sort();
+    let first = http
+        .get(format!("{}/admin/identities?page_size=2", emu.url()))
+        .send()
+        .await
+        .unwrap();
+    let links: Vec<&str> = first
+        .headers()
+        .get_all("link")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(
+        links.len(),
+        2,
+        "first and next in headers of their own: {links:?}"
+    );
+    assert!(links[0].ends_with(r#"; rel="first""#), "{links:?}");
+    assert!(links[1].ends_with(r#"; rel="next""#), "{links:?}");
+    assert_eq!(
+        link_tokens(&first, "first"),
+        vec!["00000000-0000-0000-0000-000000000000".to_owned()]
+    );
+    // The older token is the page's last id, and it never expires.
+    assert_eq!(link_tokens(&first, "next"), vec![ids[1].to_string()]);
+    emu.expire_page_tokens();
+    let last = http
+        .get(format!("{}/admin/identities", emu.url()))
+        .query(&[("page_size", "2"), ("page_token", &ids[1].to_string())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(last.status(), StatusCode::OK);
+    assert_eq!(
+        last.headers().get_all("link").iter().count(),
+        1,
+        "no next on the last page"
+    );
+    assert_eq!(json_body(last).await.as_array().unwrap().len(), 1);
     emu.shutdown().await;
 }
 
