@@ -4,6 +4,12 @@ use clap::Parser;
 
 use idmap::cli::{Cli, Command};
 
+// glibc's malloc took a fifth of the CPU under load: tonic, h2 and prost allocate and free per
+// message, often on different worker threads, which contends on glibc's arenas. With jemalloc the
+// same 2-core machine served 27% more Health/Check and ResolveSession calls per second (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// EX_USAGE: a setting is wrong (README "Running in production").
 const EXIT_BAD_SETTING: u8 = 64;
 
