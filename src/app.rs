@@ -175,7 +175,7 @@ impl App {
             .add_service(IdentityServiceServer::new(IdentityApi::new(
                 self.mapper.clone(),
             )))
-            .serve_with_incoming_shutdown(incoming(grpc), signal);
+            .serve_with_incoming_shutdown(crate::grpc::incoming(grpc), signal);
         let mut server = std::pin::pin!(server);
         let result = tokio::select! {
             r = &mut server => r.map_err(anyhow::Error::from),
@@ -213,13 +213,6 @@ impl App {
         tracing::info!("stopped");
         result
     }
-}
-
-/// Accepted gRPC connections, with TCP_NODELAY: tonic applies its own `tcp_nodelay` only to
-/// listeners it binds itself. Without it, a response written in two segments waits for the peer's
-/// delayed ACK (Nagle), about 40 ms on Linux; BENCHMARKS.md measured p99s of 45 ms from it.
-fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// Waits for a background task until `deadline`, then abandons it.

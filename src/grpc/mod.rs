@@ -4,7 +4,9 @@
 pub(crate) mod convert;
 mod deadline;
 mod identity;
+mod incoming;
 mod status;
 
 pub use identity::IdentityApi;
+pub use incoming::incoming;
 pub use status::to_status;
