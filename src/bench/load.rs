@@ -113,6 +113,28 @@ impl LoadResult {
     }
 }
 
+impl LoadResult {
+    /// One result from two windows of the same calls, as if they were one window as long as both.
+    pub fn merge(mut self, other: LoadResult) -> LoadResult {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.elapsed += other.elapsed;
+        // Same bounds on both sides, so adding cannot fail; a failure would only lose latencies.
+        let _ = self.histogram.add(&other.histogram);
+        self.first_error = self.first_error.or(other.first_error);
+        self.exhausted |= other.exhausted;
+        self.ory = match (self.ory, other.ory) {
+            (Some(a), Some(b)) => Some(OryCalls {
+                whoami: a.whoami + b.whoami,
+                admin_read: a.admin_read + b.admin_read,
+                admin_write: a.admin_write + b.admin_write,
+            }),
+            (a, b) => a.or(b),
+        };
+        self
+    }
+}
+
 pub fn new_histogram() -> Histogram<u64> {
     #[allow(clippy::expect_used)]
     Histogram::new_with_bounds(1, HIGHEST_MICROS, 3).expect("constant histogram bounds are valid")

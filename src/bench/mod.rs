@@ -127,6 +127,12 @@ pub struct BenchArgs {
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub warmup: Duration,
 
+    /// Scenarios with a target relative to Health/Check alternate with Health/Check in this many
+    /// slices of --duration / --rounds each (after a warm-up of each), so a machine that speeds up
+    /// or slows down during the run weighs on both sides of the ratio alike.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: u32,
+
     /// Users seeded straight into PostgreSQL (`INSERT .. SELECT generate_series`) before the runs.
     #[arg(long, default_value_t = 10_000)]
     pub users: u64,
@@ -282,18 +288,8 @@ async fn health_baseline(
     server: &str,
     report: &mut Report,
 ) -> Baseline {
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     eprintln!("bench: health baseline ({server})");
-    let health: Arc<Vec<HealthClient<Channel>>> =
-        Arc::new(channels.iter().cloned().map(HealthClient::new).collect());
-    let make: MakeCall = Arc::new(move |conn, _| {
-        let mut c = health[conn].clone();
-        boxed(async move {
-            c.check(HealthCheckRequest::default()).await?;
-            Ok(())
-        })
-    });
-    let load = load::run(args.plan(), make, None).await;
+    let load = load::run(args.plan(), health_call(channels), None).await;
     let baseline = Baseline {
         throughput: load.throughput(),
         p99: load.latency(0.99),
@@ -306,6 +302,69 @@ async fn health_baseline(
         rss_bytes: report::rss_bytes(),
     });
     baseline
+}
+
+/// `grpc.health.v1.Health/Check` (overall) over `channels`.
+fn health_call(channels: &[Channel]) -> MakeCall {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let health: Arc<Vec<HealthClient<Channel>>> =
+        Arc::new(channels.iter().cloned().map(HealthClient::new).collect());
+    Arc::new(move |conn, _| {
+        let mut c = health[conn].clone();
+        boxed(async move {
+            c.check(HealthCheckRequest::default()).await?;
+            Ok(())
+        })
+    })
+}
+
+/// Runs a scenario that has a target relative to Health/Check: `--rounds` slices of Health/Check
+/// and of the scenario, alternating, each after its own warm-up, merged into one row each. Records
+/// both rows and returns the scenario's result with its paired baseline.
+#[allow(clippy::too_many_arguments)]
+async fn measure_paired(
+    args: &BenchArgs,
+    scenario: &str,
+    server: &str,
+    make: MakeCall,
+    health: &MakeCall,
+    emulator: Option<&Emulator>,
+    report: &mut Report,
+) -> (LoadResult, Baseline) {
+    eprintln!(
+        "bench: {scenario} ({server}), alternating with Health/Check in {} rounds",
+        args.rounds.max(1)
+    );
+    let rounds = args.rounds.max(1);
+    let slice = Plan {
+        duration: args.duration / rounds,
+        ..args.plan()
+    };
+    let mut health_load = load::run(slice, health.clone(), None).await;
+    let mut load = load::run(slice, make.clone(), emulator).await;
+    for _ in 1..rounds {
+        health_load = health_load.merge(load::run(slice, health.clone(), None).await);
+        load = load.merge(load::run(slice, make.clone(), emulator).await);
+    }
+    let baseline = Baseline {
+        throughput: health_load.throughput(),
+        p99: health_load.latency(0.99),
+    };
+    report.rows.push(Row {
+        scenario: format!("health-check (paired with {scenario})"),
+        server: server.into(),
+        load: health_load,
+        baseline: None,
+        rss_bytes: report::rss_bytes(),
+    });
+    report.rows.push(Row {
+        scenario: scenario.into(),
+        server: server.into(),
+        load: load.clone(),
+        baseline: Some(baseline),
+        rss_bytes: report::rss_bytes(),
+    });
+    (load, baseline)
 }
 
 /// Runs one load scenario and records its row.
@@ -516,6 +575,7 @@ async fn scenarios_in_process(
         let channels = env::connect_channels(&server.addr.to_string(), args.connections).await?;
         let cl = clients(&channels);
         let baseline = health_baseline(args, &channels, label, report).await;
+        let health = health_call(&channels);
         for scenario in &main {
             main_scenario(
                 args,
@@ -524,7 +584,7 @@ async fn scenarios_in_process(
                 &cl,
                 emulator,
                 &identities,
-                baseline,
+                (baseline, &health),
                 label,
                 report,
             )
@@ -548,20 +608,20 @@ async fn scenarios_in_process(
         let server = Server::start(config).await?;
         let channels = env::connect_channels(&server.addr.to_string(), args.connections).await?;
         let cl = clients(&channels);
-        let baseline = health_baseline(args, &channels, label, report).await;
+        let health = health_call(&channels);
         for scenario in &cold {
             let make = if *scenario == Scenario::GetByOryIdCold {
                 get_by_ory_id(cl.clone(), args.users)
             } else {
                 get_by_external_id(cl.clone(), args.users)
             };
-            let load = measure(
+            let (load, baseline) = measure_paired(
                 args,
                 scenario.name(),
                 label,
                 make,
+                &health,
                 Some(emulator),
-                Some(baseline),
                 report,
             )
             .await;
@@ -631,7 +691,7 @@ async fn main_scenario(
     cl: &Arc<Vec<Client>>,
     emulator: &Emulator,
     identities: &[Uuid],
-    baseline: Baseline,
+    (baseline, health): (Baseline, &MakeCall),
     label: &str,
     report: &mut Report,
 ) -> anyhow::Result<()> {
@@ -651,13 +711,13 @@ async fn main_scenario(
                 tokens.len(),
                 OryCalls::snapshot(emulator).since(before).whoami
             ));
-            let load = measure(
+            let (load, baseline) = measure_paired(
                 args,
                 name,
                 label,
                 resolve(cl.clone(), tokens, false),
+                health,
                 Some(emulator),
-                Some(baseline),
                 report,
             )
             .await;
@@ -706,16 +766,8 @@ async fn main_scenario(
             } else {
                 get_by_external_id(cl.clone(), warm)
             };
-            let load = measure(
-                args,
-                name,
-                label,
-                make,
-                Some(emulator),
-                Some(baseline),
-                report,
-            )
-            .await;
+            let (load, baseline) =
+                measure_paired(args, name, label, make, health, Some(emulator), report).await;
             ratio_finding(report, name, &load, baseline, 0.8, None);
         }
         Scenario::BatchGet => {
