@@ -63,7 +63,8 @@ pub(crate) fn parse(emu: &Emulator, raw: &str) -> Result<Uuid, ApiError> {
             let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| invalid())?;
             let token: Token = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
             let valid_from = emu.inner.page_tokens_valid_from.load(Ordering::SeqCst);
-            if token.expires_at < now().timestamp_millis() || token.serial < valid_from {
+            // Expired once its instant is reached, so a zero lifetime never admits a token.
+            if token.expires_at <= now().timestamp_millis() || token.serial < valid_from {
                 return Err(ApiError::bad_request(EXPIRED));
             }
             Ok(token.after)
