@@ -82,6 +82,30 @@ impl Database {
         Ok(db)
     }
 
+    /// Another migrated database on the same PostgreSQL server, dropped by [`Database::close`].
+    pub async fn sibling(&self) -> anyhow::Result<Self> {
+        let name = format!(
+            "idmap_bench_{}_{}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let here = self.url.expose_secret().to_owned();
+        connect(&here)
+            .await?
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .context("cannot create a second benchmark database")?;
+        let mut parsed = url::Url::parse(&here).context("the benchmark database's URL")?;
+        parsed.set_path(&format!("/{name}"));
+        let db = Self {
+            url: SecretString::from(parsed.to_string()),
+            created: Some((here, name)),
+            _cluster: None,
+        };
+        migrate::run_pending(&db.url).await?;
+        Ok(db)
+    }
+
     /// An existing database (the one an external `--target` serves from); nothing is dropped.
     pub fn existing(url: SecretString) -> Self {
         Self {

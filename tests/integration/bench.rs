@@ -20,6 +20,9 @@ async fn bench_tiny_run_measures_and_coalesces_to_one_whoami() {
         "--scenario=get-by-ory-id",
         "--scenario=resolve-cached",
         "--scenario=coalesce",
+        "--scenario=lookup-scale",
+        "--scale-users=300",
+        "--rounds=2",
     ])
     .unwrap();
     let Command::Bench(args) = cli.command else {
@@ -27,7 +30,14 @@ async fn bench_tiny_run_measures_and_coalesces_to_one_whoami() {
     };
     let report = idmap::bench::run(*args).await.unwrap();
 
-    for scenario in ["health-check (baseline)", "get-by-ory-id", "resolve-cached"] {
+    for scenario in [
+        "health-check (baseline)",
+        "health-check (paired with resolve-cached)",
+        "get-by-ory-id",
+        "resolve-cached",
+        "lookup-scale get-by-ory-id-cold @100",
+        "lookup-scale get-by-ory-id-cold @300",
+    ] {
         let row = report
             .row(scenario)
             .unwrap_or_else(|| panic!("no {scenario} row"));
@@ -43,6 +53,12 @@ async fn bench_tiny_run_measures_and_coalesces_to_one_whoami() {
         resolve.load.ory.unwrap().whoami,
         0,
         "a warmed session pool makes no whoami calls"
+    );
+
+    assert_eq!(
+        report.findings_of("lookup-scale").count(),
+        2,
+        "one p99 ratio per lookup"
     );
 
     let coalesce = report.findings_of("coalesce").next().unwrap();
