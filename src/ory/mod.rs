@@ -161,12 +161,7 @@ impl KratosClient {
     #[tracing::instrument(name = "ory.get_identity", skip_all, fields(identity = %id))]
     pub async fn get_identity(&self, id: IdentityId) -> Result<Identity, OryError> {
         let url = join(&self.admin_url, &format!("admin/identities/{id}"))?;
-        let response = send(
-            &self.admin_limit,
-            ENV_ORY_ADMIN_URL,
-            self.admin(Method::GET, url),
-        )
-        .await?;
+        let response = self.send_admin(self.admin(Method::GET, url)).await?;
         match response.status() {
             StatusCode::OK => {
                 let dto: IdentityDto = read_json(response).await?;
@@ -206,12 +201,9 @@ impl KratosClient {
             _ => return Ok(MetadataWrite::NotAnObject),
         };
         let url = join(&self.admin_url, &format!("admin/identities/{id}"))?;
-        let response = send(
-            &self.admin_limit,
-            ENV_ORY_ADMIN_URL,
-            self.admin(Method::PATCH, url).json(&[op]),
-        )
-        .await?;
+        let response = self
+            .send_admin(self.admin(Method::PATCH, url).json(&[op]))
+            .await?;
         match response.status() {
             StatusCode::OK => Ok(MetadataWrite::Written),
             StatusCode::NOT_FOUND => Err(OryError::NotFound),
@@ -242,12 +234,7 @@ impl KratosClient {
                 query.append_pair("page_token", token);
             }
         }
-        let response = send(
-            &self.admin_limit,
-            ENV_ORY_ADMIN_URL,
-            self.admin(Method::GET, url),
-        )
-        .await?;
+        let response = self.send_admin(self.admin(Method::GET, url)).await?;
         match response.status() {
             StatusCode::OK => {}
             // The only parameter Ory can refuse is the token: the page size is in range.
@@ -294,6 +281,11 @@ impl KratosClient {
             rejected,
             next_page_token,
         })
+    }
+
+    /// Sends an admin API request under the admin rate limit.
+    async fn send_admin(&self, request: RequestBuilder) -> Result<Response, OryError> {
+        send(&self.admin_limit, ENV_ORY_ADMIN_URL, request).await
     }
 
     fn admin(&self, method: Method, url: Url) -> RequestBuilder {
