@@ -1,4 +1,5 @@
-//! Validates real emulator responses against the Kratos OpenAPI 3.0 spec in `/work/shared/ory`.
+//! Validates real emulator responses against the Kratos OpenAPI 3.0 spec (`spec/ory/`, the
+//! repository's copy of `../shared/ory`).
 //!
 //! OpenAPI 3.0 schema objects are converted to JSON Schema draft 7 (`nullable` becomes a `null`
 //! type, OpenAPI-only keywords are dropped) and validated with `components` embedded in the
@@ -23,8 +24,9 @@ fn client_builder() -> reqwest::ClientBuilder {
 }
 
 fn load_spec() -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/ory/kratos-api.openapi3.json");
+    // The repository's copy of ../shared/ory (spec/ory/README.md), so a lone clone can run this.
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../spec/ory/kratos-api.openapi3.json");
     let raw = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&raw).unwrap()
