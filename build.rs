@@ -12,6 +12,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptor_path = out.join("idmap_descriptor.bin");
     std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&fds))?;
 
-    tonic_prost_build::configure().compile_fds(fds)?;
+    tonic_prost_build::configure()
+        // Written by hand in src/proto.rs, so the server can send a cached session pre-encoded.
+        .extern_path(
+            ".idmap.v1.ResolveSessionResponse",
+            "crate::proto::ResolveSessionResponse",
+        )
+        .compile_fds(fds)?;
     Ok(())
 }

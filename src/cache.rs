@@ -5,8 +5,10 @@
 //! Concurrent misses for one key share one load (moka's `try_get_with`), so a burst of calls with a
 //! new session makes one whoami call.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use moka::Expiry;
 use moka::future::Cache;
@@ -56,11 +58,27 @@ pub enum CachedSession {
     Invalid,
 }
 
+/// Bytes an adapter derives from an entry's session (the gRPC adapter: the session and identity
+/// already encoded), kept with the entry so that hits do not derive them again. Filled by the first
+/// caller that needs them; the cache never reads them.
+pub type Rendering = Arc<OnceLock<Bytes>>;
+
 /// A cache entry: the answer and how long it may be served.
 #[derive(Debug, Clone)]
 pub struct SessionEntry {
     pub value: CachedSession,
     pub fresh_for: Duration,
+    pub rendering: Rendering,
+}
+
+impl SessionEntry {
+    pub fn new(value: CachedSession, fresh_for: Duration) -> Self {
+        Self {
+            value,
+            fresh_for,
+            rendering: Rendering::default(),
+        }
+    }
 }
 
 /// A validated session kept for stale-if-error, with how long it may still be served.

@@ -49,11 +49,19 @@ impl IdentityService for IdentityApi {
             self.mapper.resolve_session(&credential).await
         };
         let resolved = deadline::within(&metadata, work).await.map_err(to_status)?;
-        Ok(Response::new(api::ResolveSessionResponse {
-            session: Some((&resolved.session.session).into()),
-            identity: Some((&resolved.session.identity).into()),
-            user: resolved.user.as_deref().map(Into::into),
-        }))
+        // Encoded once per cached session, by its first hit.
+        let encoded = resolved.rendering.get_or_init(|| {
+            api::ResolveSessionResponse::encode_session(
+                &(&resolved.session.session).into(),
+                &(&resolved.session.identity).into(),
+            )
+        });
+        Ok(Response::new(
+            api::ResolveSessionResponse::with_encoded_session(
+                encoded.clone(),
+                resolved.user.as_deref().map(Into::into),
+            ),
+        ))
     }
 
     async fn get_user_by_ory_id(

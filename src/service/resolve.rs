@@ -2,7 +2,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::IdentityMapper;
-use crate::cache::{CachedSession, SessionEntry, SessionKey, session_ttl};
+use crate::cache::{CachedSession, Rendering, SessionEntry, SessionKey, session_ttl};
 use crate::domain::{Credential, LinkRequest, SessionWithIdentity, User};
 use crate::error::{Error, reason};
 use crate::ory::OryError;
@@ -18,6 +18,8 @@ pub struct Resolved {
     pub session: Arc<SessionWithIdentity>,
     /// `None` when the identity has no user and auto-linking is off.
     pub user: Option<Arc<User>>,
+    /// The adapter's encoding of `session`, shared by every hit of the cache entry.
+    pub rendering: Rendering,
 }
 
 impl IdentityMapper {
@@ -36,6 +38,7 @@ impl IdentityMapper {
                 .as_ref()
                 .clone()
         };
+        let rendering = entry.rendering;
         let whoami = match entry.value {
             CachedSession::Valid(session) => session,
             CachedSession::Invalid => return Err(OryError::Unauthenticated.into()),
@@ -75,6 +78,7 @@ impl IdentityMapper {
         Ok(Resolved {
             session: whoami,
             user,
+            rendering,
         })
     }
 
@@ -90,23 +94,20 @@ impl IdentityMapper {
                 let session = Arc::new(whoami.session);
                 let ttl = session_ttl(settings, &session, whoami.cache_for);
                 self.caches.keep_for_stale(key, &session, ttl).await;
-                Ok(SessionEntry {
-                    value: CachedSession::Valid(session),
-                    fresh_for: ttl,
-                })
+                Ok(SessionEntry::new(CachedSession::Valid(session), ttl))
             }
             // Remembered briefly, so a flood of bad tokens does not reach Ory.
-            Err(OryError::Unauthenticated) => Ok(SessionEntry {
-                value: CachedSession::Invalid,
-                fresh_for: settings.negative_ttl,
-            }),
+            Err(OryError::Unauthenticated) => Ok(SessionEntry::new(
+                CachedSession::Invalid,
+                settings.negative_ttl,
+            )),
             Err(e) if e.is_transient() => match self.caches.stale_session(&key).await {
                 Some((session, usable_for)) => {
                     tracing::warn!(error = %e, "Ory unavailable; serving a cached session past its TTL (stale-if-error)");
-                    Ok(SessionEntry {
-                        value: CachedSession::Valid(session),
-                        fresh_for: usable_for.min(STALE_RECHECK),
-                    })
+                    Ok(SessionEntry::new(
+                        CachedSession::Valid(session),
+                        usable_for.min(STALE_RECHECK),
+                    ))
                 }
                 None => Err(e),
             },
