@@ -192,6 +192,11 @@ pub struct CommonArgs {
     #[arg(long, env = "IDMAP_DB_POOL_SIZE", value_name = "IDMAP_DB_POOL_SIZE", default_value = "16", value_parser = parse_pool_size)]
     pub db_pool_size: usize,
 
+    /// Connections, out of IDMAP_DB_POOL_SIZE, that GetUserByOryId, GetByExternalId and the
+    /// user lookups of ResolveSession share (their queries are pipelined on them).
+    #[arg(long, env = "IDMAP_DB_READ_CONNECTIONS", value_name = "IDMAP_DB_READ_CONNECTIONS", default_value = "2", value_parser = parse_pool_size)]
+    pub db_read_connections: usize,
+
     /// How long a request waits for a PostgreSQL connection before failing with UNAVAILABLE.
     #[arg(long, env = "IDMAP_DB_TIMEOUT", value_name = "IDMAP_DB_TIMEOUT", default_value = "3s", value_parser = parse_positive_duration)]
     pub db_timeout: Duration,
@@ -298,6 +303,12 @@ impl Config {
                 "IDMAP_OUTBOX_RETRY_MIN must not be greater than IDMAP_OUTBOX_RETRY_MAX".into(),
             );
         }
+        if common.db_read_connections >= common.db_pool_size {
+            return Err(
+                "IDMAP_DB_READ_CONNECTIONS must be smaller than IDMAP_DB_POOL_SIZE (the rest serve writes and batches)"
+                    .into(),
+            );
+        }
         let admin_url = ory_admin_url.unwrap_or_else(|| ory_public_url.clone());
         Ok(Self {
             database_url,
@@ -318,6 +329,7 @@ impl Config {
             pool: PoolOptions {
                 max_size: common.db_pool_size,
                 wait_timeout: common.db_timeout,
+                read_connections: common.db_read_connections,
                 ..PoolOptions::default()
             },
             outbox: OutboxSettings {
@@ -377,6 +389,33 @@ mod tests {
         assert!(parse_cookie_name("ory_kratos_session").is_ok());
         assert!(parse_cookie_name("bad name").is_err());
         assert!(parse_pool_size("0").is_err());
+    }
+
+    #[test]
+    fn shared_read_connections_must_leave_pool_connections() {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            common: CommonArgs,
+        }
+        let config = |flags: &[&str]| {
+            let flags = <Flags as clap::Parser>::try_parse_from(
+                std::iter::once("idmap").chain(flags.iter().copied()),
+            )
+            .unwrap();
+            Config::new(
+                SecretString::from("postgres://postgres@127.0.0.1/db"),
+                Url::parse("http://kratos:4433").unwrap(),
+                None,
+                flags.common,
+            )
+        };
+        let ok = config(&["--db-pool-size=3", "--db-read-connections=2"]).unwrap();
+        assert_eq!(ok.pool.read_connections, 2);
+        let Err(err) = config(&["--db-pool-size=2", "--db-read-connections=2"]) else {
+            panic!("as many shared connections as the pool holds was accepted");
+        };
+        assert!(err.contains("IDMAP_DB_READ_CONNECTIONS"), "{err}");
     }
 
     #[test]

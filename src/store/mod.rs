@@ -13,9 +13,11 @@ mod pending;
 mod schema;
 mod users;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel::result::{DatabaseErrorKind, Error as DieselError, QueryResult};
 use diesel_async::pooled_connection::deadpool::{Object, Pool, PoolError};
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
@@ -37,6 +39,8 @@ pub struct PoolOptions {
     pub wait_timeout: Duration,
     /// Server-side bound on any one statement.
     pub statement_timeout: Duration,
+    /// Connections (out of `max_size`) that single-user lookups share, pipelined (see [`Readers`]).
+    pub read_connections: usize,
 }
 
 impl Default for PoolOptions {
@@ -45,6 +49,7 @@ impl Default for PoolOptions {
             max_size: 16,
             wait_timeout: Duration::from_secs(3),
             statement_timeout: Duration::from_secs(5),
+            read_connections: 2,
         }
     }
 }
@@ -104,10 +109,31 @@ impl From<PoolError> for StoreError {
     }
 }
 
-/// The user store: a pool of PostgreSQL connections.
+/// The user store: a pool of PostgreSQL connections, a few of them shared by lookups.
 #[derive(Clone)]
 pub struct Store {
     pool: Pool<AsyncPgConnection>,
+    readers: Arc<Readers>,
+}
+
+type Pooled = Object<AsyncPgConnection>;
+
+/// Connections that concurrent single-user lookups share instead of taking one each from the pool.
+///
+/// tokio-postgres pipelines the queries of every task using one connection: it writes whatever is
+/// queued in one go and reads the answers in order, and PostgreSQL runs them back to back in one
+/// backend. A lookup that holds a pooled connection of its own instead pays a round trip of task
+/// wake-ups and syscalls alone, and 16 backends compete for the CPU: on the benchmark's two cores,
+/// cold GetUserByOryId ran at 0.25x of Health/Check with a connection per lookup and at 0.34x with
+/// two shared ones (0.42x with one). Lookups are single-row index scans, so none waits long behind
+/// another; transactions and BatchGetUsers keep pooled connections of their own.
+///
+/// Each slot holds a connection checked out of the pool until a query on it fails for want of the
+/// database; the slot is then emptied and the next lookup checks out a fresh one, while the broken
+/// connection goes back to the pool, which discards it.
+struct Readers {
+    slots: Vec<RwLock<Option<Arc<Pooled>>>>,
+    next: AtomicUsize,
 }
 
 impl Store {
@@ -141,7 +167,16 @@ impl Store {
             .runtime(deadpool::Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Unavailable(format!("cannot build the pool: {e}")))?;
-        Ok(Self { pool })
+        let readers = Readers {
+            slots: (0..options.read_connections.max(1))
+                .map(|_| RwLock::new(None))
+                .collect(),
+            next: AtomicUsize::new(0),
+        };
+        Ok(Self {
+            pool,
+            readers: Arc::new(readers),
+        })
     }
 
     /// Checks that a connection can be opened and used.
@@ -154,6 +189,36 @@ impl Store {
 
     async fn conn(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
         Ok(self.pool.get().await?)
+    }
+
+    /// A shared lookup connection ([`Readers`]), round robin.
+    async fn reader(&self) -> Result<Arc<Pooled>, StoreError> {
+        let slots = &self.readers.slots;
+        let slot = &slots[self.readers.next.fetch_add(1, Ordering::Relaxed) % slots.len()];
+        if let Some(conn) = slot.read().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            return Ok(conn.clone());
+        }
+        let fresh = Arc::new(self.conn().await?);
+        // Lookups that found the slot empty at the same time race to fill it; the first one's
+        // connection stays, the others' go back to the pool when their lookup ends.
+        let mut filled = slot.write().unwrap_or_else(PoisonError::into_inner);
+        Ok(filled.get_or_insert(fresh).clone())
+    }
+
+    /// Classifies a lookup's result, and stops sharing `conn` if the database failed under it.
+    fn after_read<T>(&self, conn: &Arc<Pooled>, result: QueryResult<T>) -> Result<T, StoreError> {
+        result.map_err(|e| {
+            let error = StoreError::classify(e);
+            if matches!(error, StoreError::Unavailable(_)) {
+                for slot in &self.readers.slots {
+                    let mut held = slot.write().unwrap_or_else(PoisonError::into_inner);
+                    if held.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+                        *held = None;
+                    }
+                }
+            }
+            error
+        })
     }
 }
 

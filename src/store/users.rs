@@ -84,10 +84,14 @@ macro_rules! select_users {
 impl Store {
     /// The user linked to an Ory identity.
     pub async fn user_by_identity(&self, id: IdentityId) -> Result<Option<User>, StoreError> {
-        let mut conn = self.conn().await?;
-        find_by_identity(&mut conn, id)
+        let conn = self.reader().await?;
+        let row: QueryResult<Option<UserWithExternalId>> = select_users!()
+            .filter(users::ory_identity_id.eq(id.as_uuid()))
+            .first(&mut &**conn)
             .await
-            .map_err(StoreError::classify)
+            .optional();
+        let row = self.after_read(&conn, row)?;
+        Ok(row.map(|(user, ext)| user.into_domain(ext)))
     }
 
     /// The users linked to any of `ids`, in one query.
@@ -113,8 +117,8 @@ impl Store {
         &self,
         external_id: &ExternalId,
     ) -> Result<Option<User>, StoreError> {
-        let mut conn = self.conn().await?;
-        let row: Option<UserWithExternalId> = users::table
+        let conn = self.reader().await?;
+        let row: QueryResult<Option<UserWithExternalId>> = users::table
             .inner_join(user_external_ids::table)
             .filter(user_external_ids::namespace.eq(DEFAULT_NAMESPACE))
             .filter(user_external_ids::external_id.eq(external_id.as_str()))
@@ -122,10 +126,10 @@ impl Store {
                 UserRow::as_select(),
                 user_external_ids::external_id.nullable(),
             ))
-            .first(&mut conn)
+            .first(&mut &**conn)
             .await
-            .optional()
-            .map_err(StoreError::classify)?;
+            .optional();
+        let row = self.after_read(&conn, row)?;
         Ok(row.map(|(user, ext)| user.into_domain(ext)))
     }
 

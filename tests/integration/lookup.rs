@@ -130,3 +130,59 @@ async fn get_by_external_id_rejects_invalid_ids() {
         .unwrap_err();
     assert_code(&err, Code::NotFound);
 }
+
+/// Lookups share a couple of pipelined connections; many at once, none cached, each gets its own
+/// user back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_uncached_lookups_each_get_their_own_user() {
+    let env = Env::with(|c| {
+        c.cache.user_max_entries = 1;
+        c.pool.read_connections = 2;
+        c.ory.admin_rps = None;
+    })
+    .await;
+    let mut client = env.client();
+    let mut linked = Vec::new();
+    for i in 0..40 {
+        let identity_id = identity(&env.ory, "customer", &format!("many{i}@example.com"));
+        let user = client
+            .link_identity(LinkIdentityRequest {
+                ory_identity_id: identity_id.to_string(),
+                user_id: String::new(),
+                external_id: format!("crm-many-{i}"),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap();
+        linked.push(user);
+    }
+    let lookups = linked.iter().cycle().take(400).map(|user| {
+        let mut client = env.client();
+        let user = user.clone();
+        async move {
+            let by_id = client
+                .get_user_by_ory_id(GetUserByOryIdRequest {
+                    ory_identity_id: user.ory_identity_id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .user
+                .unwrap();
+            let by_external = client
+                .get_by_external_id(GetByExternalIdRequest {
+                    external_id: user.external_id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .user
+                .unwrap();
+            assert_eq!(by_id, user);
+            assert_eq!(by_external, user);
+        }
+    });
+    futures::future::join_all(lookups).await;
+}
