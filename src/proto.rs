@@ -72,6 +72,22 @@ impl std::fmt::Debug for ResolveSessionResponse {
     }
 }
 
+/// Decodes one optional message field of `ResolveSessionResponse`, as prost's generated code does.
+fn merge_message<M: prost::Message + Default>(
+    field: &mut Option<M>,
+    name: &'static str,
+    wire_type: WireType,
+    buf: &mut impl Buf,
+    ctx: DecodeContext,
+) -> Result<(), prost::DecodeError> {
+    encoding::message::merge(wire_type, field.get_or_insert_with(M::default), buf, ctx).map_err(
+        |mut e| {
+            e.push("ResolveSessionResponse", name);
+            e
+        },
+    )
+}
+
 impl prost::Message for ResolveSessionResponse {
     fn encode_raw(&self, buf: &mut impl BufMut) {
         match &self.encoded_session {
@@ -97,38 +113,10 @@ impl prost::Message for ResolveSessionResponse {
         buf: &mut impl Buf,
         ctx: DecodeContext,
     ) -> Result<(), prost::DecodeError> {
-        const NAME: &str = "ResolveSessionResponse";
         match tag {
-            1 => encoding::message::merge(
-                wire_type,
-                self.session.get_or_insert_with(Default::default),
-                buf,
-                ctx,
-            )
-            .map_err(|mut e| {
-                e.push(NAME, "session");
-                e
-            }),
-            2 => encoding::message::merge(
-                wire_type,
-                self.identity.get_or_insert_with(Default::default),
-                buf,
-                ctx,
-            )
-            .map_err(|mut e| {
-                e.push(NAME, "identity");
-                e
-            }),
-            3 => encoding::message::merge(
-                wire_type,
-                self.user.get_or_insert_with(Default::default),
-                buf,
-                ctx,
-            )
-            .map_err(|mut e| {
-                e.push(NAME, "user");
-                e
-            }),
+            1 => merge_message(&mut self.session, "session", wire_type, buf, ctx),
+            2 => merge_message(&mut self.identity, "identity", wire_type, buf, ctx),
+            3 => merge_message(&mut self.user, "user", wire_type, buf, ctx),
             _ => encoding::skip_field(wire_type, tag, buf, ctx),
         }
     }
