@@ -84,6 +84,17 @@ pub struct Invalidator {
     store: Store,
     caches: Arc<Caches>,
     origin: Uuid,
+    counts: Arc<Counts>,
+}
+
+/// Running totals of this replica's traffic on the channel. PostgreSQL delivers notifications in
+/// commit order, so once a replica has heard as many as the others announced, it has applied every
+/// one of them: a caller can wait for that instead of polling the cache.
+struct Counts {
+    /// Evictions announced (their NOTIFY committed).
+    announced: watch::Sender<u64>,
+    /// Other replicas' notifications handled, whatever they held.
+    heard: watch::Sender<u64>,
 }
 
 impl Invalidator {
@@ -92,6 +103,10 @@ impl Invalidator {
             store,
             caches,
             origin: Uuid::new_v4(),
+            counts: Arc::new(Counts {
+                announced: watch::Sender::new(0),
+                heard: watch::Sender::new(0),
+            }),
         }
     }
 
@@ -100,7 +115,20 @@ impl Invalidator {
         apply(&self.caches, &eviction).await;
         let payload = serde_json::to_string(&eviction.to_payload(self.origin))
             .map_err(|e| StoreError::Query(format!("encoding an eviction: {e}")))?;
-        self.store.notify(CHANNEL, &payload).await
+        self.store.notify(CHANNEL, &payload).await?;
+        self.counts.announced.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// How many evictions this replica has announced so far.
+    pub fn announced(&self) -> watch::Receiver<u64> {
+        self.counts.announced.subscribe()
+    }
+
+    /// How many notifications of other replicas this replica has handled (applied, or ignored as
+    /// unreadable) so far.
+    pub fn heard(&self) -> watch::Receiver<u64> {
+        self.counts.heard.subscribe()
     }
 
     /// Listens for other replicas' evictions until `shutdown`. `listening` turns true once the first
@@ -193,17 +221,15 @@ impl Invalidator {
     }
 
     async fn receive(&self, raw: &str) {
-        let Ok(payload) = serde_json::from_str::<Payload>(raw) else {
-            tracing::warn!("ignoring a malformed invalidation payload");
-            return;
-        };
-        if payload.origin == self.origin {
-            return;
+        match serde_json::from_str::<Payload>(raw) {
+            Ok(payload) if payload.origin == self.origin => return,
+            Ok(payload) => match Eviction::from_payload(&payload) {
+                Some(eviction) => apply(&self.caches, &eviction).await,
+                None => tracing::warn!(kind = payload.kind, "ignoring an unknown invalidation"),
+            },
+            Err(_) => tracing::warn!("ignoring a malformed invalidation payload"),
         }
-        match Eviction::from_payload(&payload) {
-            Some(eviction) => apply(&self.caches, &eviction).await,
-            None => tracing::warn!(kind = payload.kind, "ignoring an unknown invalidation"),
-        }
+        self.counts.heard.send_modify(|n| *n += 1);
     }
 }
 

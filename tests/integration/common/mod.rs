@@ -67,6 +67,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub client: Client,
+    /// This replica's end of the invalidation channel, for its traffic counts.
+    invalidator: idmap::invalidation::Invalidator,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -74,6 +76,7 @@ pub struct TestServer {
 impl TestServer {
     pub async fn start(config: Config) -> TestServer {
         let app = idmap::App::build(config).await.expect("build the app");
+        let invalidator = app.mapper().invalidator().clone();
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = grpc.local_addr().unwrap();
@@ -94,9 +97,24 @@ impl TestServer {
             addr,
             http_addr,
             client,
+            invalidator,
             shutdown: Some(tx),
             task,
         }
+    }
+
+    /// Waits until this replica has applied every eviction `other` has announced so far, for at
+    /// most `limit` (the bound a test asserts). Only for two replicas sharing a database: this one
+    /// then hears from `other` alone.
+    pub async fn heard_everything_from(&self, other: &TestServer, limit: Duration) {
+        let announced = *other.invalidator.announced().borrow();
+        let mut heard = self.invalidator.heard();
+        tokio::time::timeout(limit, heard.wait_for(|n| *n >= announced))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("the other replica's {announced} eviction(s) not all heard within {limit:?}")
+            })
+            .expect("the invalidation listener is running");
     }
 
     /// Signals shutdown without waiting.
