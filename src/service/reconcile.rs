@@ -203,6 +203,8 @@ impl IdentityMapper {
         };
         let mut seen: HashSet<IdentityId> = HashSet::new();
         let mut cursor: Option<String> = None;
+        let mut walked_again = false;
+        let mut unreadable: HashSet<String> = HashSet::new();
 
         // 1. Every identity Ory has.
         loop {
@@ -215,11 +217,21 @@ impl IdentityMapper {
                 .await
             {
                 Ok(PageRead::Page(page)) => page,
-                // Only a walk that stalled for an hour on one page meets this; reconcile keeps no
-                // place between runs, so running it again is the way on.
+                // The token expired (a page stalled for an hour) or Kratos's pagination secret
+                // changed: walk again from the first page, passing over what was compared already.
+                // Once only, so a Kratos that refuses every token cannot keep the walk going round.
+                Ok(PageRead::TokenRefused(reason)) if !walked_again => {
+                    tracing::warn!(
+                        %reason,
+                        "Ory refused the page token; walking again from the first page, skipping identities already compared"
+                    );
+                    walked_again = true;
+                    cursor = None;
+                    continue;
+                }
                 Ok(PageRead::TokenRefused(reason)) => {
                     report.stopped = Some(Stopped::Failed(format!(
-                        "Ory refused the next page's token ({reason}); run idmap reconcile again"
+                        "Ory refused the page token again after a walk from the first page ({reason}); run idmap reconcile again"
                     )));
                     return Ok(report);
                 }
@@ -228,11 +240,19 @@ impl IdentityMapper {
                     return Ok(report);
                 }
             };
-            for rejected in &page.rejected {
-                tracing::warn!(%rejected, "cannot read an identity Ory listed");
-                report.failed += 1;
+            for rejected in page.rejected {
+                // A walk again from the first page meets the same unreadable entries.
+                if unreadable.insert(rejected.clone()) {
+                    tracing::warn!(%rejected, "cannot read an identity Ory listed");
+                    report.failed += 1;
+                }
             }
-            let ids: Vec<IdentityId> = page.identities.iter().map(|i| i.id).collect();
+            let ids: Vec<IdentityId> = page
+                .identities
+                .iter()
+                .map(|i| i.id)
+                .filter(|id| !seen.contains(id))
+                .collect();
             let users: HashMap<IdentityId, User> = match self.store.users_by_identities(&ids).await
             {
                 Ok(users) => users.into_iter().map(|u| (u.ory_identity_id, u)).collect(),
@@ -242,7 +262,9 @@ impl IdentityMapper {
                 }
             };
             for identity in &page.identities {
-                seen.insert(identity.id);
+                if !seen.insert(identity.id) {
+                    continue;
+                }
                 report.identities += 1;
                 match users.get(&identity.id) {
                     Some(user) => {

@@ -903,6 +903,94 @@ async fn reconcile_confirms_a_missing_identity_before_marking_it_deleted() {
     assert_eq!(user_state(&db, ids[0]).await, "deleted");
 }
 
+/// Reports like [`Lines`] and expires every page token once, after the first page, as an hour's
+/// stall on that page (or a new Kratos pagination secret) would.
+struct ExpireAfterFirstPage<'a> {
+    lines: Lines,
+    ory: &'a Emulator,
+    expired: std::sync::atomic::AtomicBool,
+}
+
+impl ReconcileObserver for ExpireAfterFirstPage<'_> {
+    fn drift(&self, drift: &Drift, repair: Option<&Result<(), Error>>) {
+        self.lines.drift(drift, repair);
+    }
+
+    fn scanned(&self, _identities: u64) {
+        if !self.expired.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            self.ory.expire_page_tokens();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_walks_again_from_the_first_page_when_ory_refuses_its_page_token() {
+    let db = TestDb::new().await;
+    let ory = emulator().await;
+    let mut ids = seed(&ory, 30, "retoken");
+    ids.sort();
+    let app = app(&db, &ory).await;
+    let mapper = app.mapper();
+    let never = CancellationToken::new();
+    mapper
+        .backfill(&options(10), &|_: &BackfillCounts| {}, &never)
+        .await
+        .unwrap();
+    deliver_outbox(&db, &ory).await;
+    // One drift on the first page (compared before the refusal), one on the last (after it).
+    let (early, late) = (ids[0], ids[29]);
+    for id in [early, late] {
+        ory.patch_identity(
+            id,
+            &json!([{"op": "remove", "path": "/metadata_public/id"}]),
+        )
+        .unwrap();
+    }
+    let observer = ExpireAfterFirstPage {
+        lines: Lines::default(),
+        ory: &ory,
+        expired: false.into(),
+    };
+    let options = ReconcileOptions {
+        page_size: 10,
+        fix: false,
+        retry: quick_retry(),
+    };
+    ory.reset_calls();
+    let report = mapper.reconcile(&options, &observer, &never).await.unwrap();
+    assert!(report.stopped.is_none(), "{:?}", report.stopped);
+    // Page 1, the refused page 2, then pages 1 to 3 again; no identity needed a confirming GET.
+    assert_eq!(ory.calls(Route::AdminRead), 5);
+    // Each identity compared and each drift reported once, across both walks.
+    assert_eq!((report.identities, report.users), (30, 30));
+    assert_eq!(report.drifts.get("metadata-missing"), Some(&2));
+    let mut expected = vec![
+        format!(
+            "metadata-missing: user {} identity {early}: metadata_public.id is not set",
+            user_of(&db, early).await
+        ),
+        format!(
+            "metadata-missing: user {} identity {late}: metadata_public.id is not set",
+            user_of(&db, late).await
+        ),
+    ];
+    expected.sort();
+    assert_eq!(observer.lines.take(), expected);
+
+    // A Kratos that refuses the token again after the walk from the first page stops the run.
+    ory.inject_fault(Route::AdminRead, Fault::delay_only(Duration::ZERO).times(1));
+    ory.inject_fault(Route::AdminRead, Fault::status(400).times(1));
+    ory.inject_fault(Route::AdminRead, Fault::delay_only(Duration::ZERO).times(1));
+    ory.inject_fault(Route::AdminRead, Fault::status(400).times(1));
+    let lines = Lines::default();
+    let stuck = mapper.reconcile(&options, &lines, &never).await.unwrap();
+    assert!(
+        matches!(&stuck.stopped, Some(Stopped::Failed(why)) if why.contains("refused the page token again")),
+        "{:?}",
+        stuck.stopped
+    );
+}
+
 mod binary {
     use std::process::{Command, Stdio};
 
