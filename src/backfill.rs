@@ -133,7 +133,7 @@ pub fn backfill_summary(report: &BackfillReport) -> String {
     out.push_str(&format!("already linked:  {}\n", c.already_linked));
     out.push_str(&format!("metadata queued: {}\n", c.queued));
     out.push_str(&format!(
-        "drift:           {} (linked to another user than metadata_public.id names; see idmap reconcile)\n",
+        "drift:           {} (metadata_public.id names another user, or metadata_public is not an object; see idmap reconcile)\n",
         c.drifted
     ));
     out.push_str(&format!("failed:          {}\n", c.failed));

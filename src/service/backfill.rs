@@ -90,12 +90,19 @@ enum Step {
     /// Linked to another user than `metadata_public.id` names. Which one is right is
     /// reconciliation's call (`idmap reconcile --fix` keeps the link and rewrites Ory).
     Drift { linked: UserId },
+    /// Linked, but `metadata_public` is neither an object nor null, so writing `id` into it would
+    /// destroy it: a write queued would only be parked. An operator must edit it in Ory
+    /// (`idmap reconcile` reports it as `metadata-not-object`).
+    NotAnObject { linked: UserId },
 }
 
 fn plan(identity: &Identity, user: Option<&User>) -> Step {
     let Some(user) = user else {
         return Step::Create;
     };
+    if !(identity.metadata_public.is_object() || identity.metadata_public.is_null()) {
+        return Step::NotAnObject { linked: user.id };
+    }
     match identity
         .metadata_user_id()
         .map(|id| UserId::parse("metadata_public.id", id))
@@ -116,7 +123,7 @@ fn count(step: &Step) -> BackfillCounts {
         Step::AlreadyLinked => counts.already_linked = 1,
         Step::Create => counts.created = 1,
         Step::QueueMetadata => counts.queued = 1,
-        Step::Drift { .. } => counts.drifted = 1,
+        Step::Drift { .. } | Step::NotAnObject { .. } => counts.drifted = 1,
     }
     counts
 }
@@ -315,6 +322,14 @@ impl IdentityMapper {
                 );
                 return Ok(count(&step));
             }
+            Step::NotAnObject { linked } => {
+                tracing::warn!(
+                    identity = %identity.id,
+                    user = %linked,
+                    "identity's metadata_public is not an object, so idmap cannot add its id; left for an operator (see `idmap reconcile`)"
+                );
+                return Ok(count(&step));
+            }
             Step::Create | Step::QueueMetadata => {
                 let request = LinkRequest {
                     ory_identity_id: identity.id,
@@ -403,5 +418,14 @@ mod tests {
         let elsewhere = identity(json!({"id": UserId::mint().to_string()}));
         let u = user(&elsewhere);
         assert_eq!(plan(&elsewhere, Some(&u)), Step::Drift { linked: u.id });
+
+        for odd in [json!(["legacy"]), json!("id"), json!(7)] {
+            let odd = identity(odd);
+            let u = user(&odd);
+            assert_eq!(plan(&odd, Some(&u)), Step::NotAnObject { linked: u.id });
+            assert_eq!(count(&plan(&odd, Some(&u))).drifted, 1);
+        }
+        // Not linked yet: the user is created whatever the metadata holds.
+        assert_eq!(plan(&identity(json!(["legacy"])), None), Step::Create);
     }
 }

@@ -559,6 +559,14 @@ async fn backfill_skips_correct_identities_and_goes_through_the_link_path() {
     // - linked, but metadata_public.id names another user (left to reconcile);
     let elsewhere = correct[1];
     set_metadata_id(&ory, elsewhere, &Uuid::new_v4().to_string());
+    // - linked, but metadata_public is a list: adding `id` would destroy it, so nothing is queued
+    //   (left to reconcile);
+    let odd = correct[2];
+    ory.patch_identity(
+        odd,
+        &json!([{"op": "replace", "path": "/metadata_public", "value": ["legacy"]}]),
+    )
+    .unwrap();
     // - new, carrying an id from an earlier idmap (a restored database): adopted, nothing queued;
     let restored_user = Uuid::now_v7();
     let restored = id_of(&ory.create_identity(NewIdentity {
@@ -587,12 +595,13 @@ async fn backfill_skips_correct_identities_and_goes_through_the_link_path() {
     let report = mapper.backfill(&options(8), &quiet, &never).await.unwrap();
     assert!(report.is_success(), "{report:?}");
     assert_eq!(report.counts.scanned, 23);
-    assert_eq!(report.counts.already_linked, 18);
+    assert_eq!(report.counts.already_linked, 17);
     assert_eq!(report.counts.queued, 1);
-    assert_eq!(report.counts.drifted, 1);
+    assert_eq!(report.counts.drifted, 2);
     assert_eq!(report.counts.created, 3);
     let summary = idmap::backfill::backfill_summary(&report);
-    assert!(summary.contains("already linked:  18"), "{summary}");
+    assert!(summary.contains("already linked:  17"), "{summary}");
+    assert!(summary.contains("drift:           2"), "{summary}");
 
     assert_eq!(user_of(&db, restored).await, restored_user);
     assert_eq!(
