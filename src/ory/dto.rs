@@ -8,17 +8,28 @@ use uuid::Uuid;
 
 use crate::domain::{self, IdentityId};
 
+/// A Kratos timestamp. Go marshals an unset `time.Time` as `0001-01-01T00:00:00Z` (the
+/// authentication methods' `completed_at` in Kratos's own fixtures); that means "not recorded", so
+/// it reads as absent rather than as a date two thousand years ago.
+fn go_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+    let at = Option::<DateTime<Utc>>::deserialize(d)?;
+    Ok(at.filter(|at| at.timestamp() != GO_ZERO_TIME))
+}
+
+/// `0001-01-01T00:00:00Z` in Unix seconds.
+const GO_ZERO_TIME: i64 = -62_135_596_800;
+
 /// Schema `session`. Only `id` is required by the spec; whoami always embeds the identity.
 #[derive(Debug, Deserialize)]
 pub(super) struct SessionDto {
     id: Uuid,
     #[serde(default)]
     active: Option<bool>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "go_time")]
     expires_at: Option<DateTime<Utc>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "go_time")]
     authenticated_at: Option<DateTime<Utc>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "go_time")]
     issued_at: Option<DateTime<Utc>>,
     #[serde(default)]
     authenticator_assurance_level: Option<String>,
@@ -35,7 +46,7 @@ struct AuthenticationMethodDto {
     method: Option<String>,
     #[serde(default)]
     aal: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "go_time")]
     completed_at: Option<DateTime<Utc>>,
     #[serde(default)]
     provider: Option<String>,
@@ -55,9 +66,9 @@ pub(super) struct IdentityDto {
     traits: Value,
     #[serde(default)]
     metadata_public: Value,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "go_time")]
     created_at: Option<DateTime<Utc>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "go_time")]
     updated_at: Option<DateTime<Utc>>,
 }
 

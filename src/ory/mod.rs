@@ -133,6 +133,12 @@ impl KratosClient {
                     .map(Duration::from_secs);
                 let dto: SessionDto = read_json(response).await?;
                 let session = dto.into_domain().map_err(OryError::Protocol)?;
+                // Kratos answers 401 for a session it no longer honours, but a 200 that says
+                // `active: false` (a proxy's stale copy, another implementation) is believed in
+                // the direction that is safe.
+                if !session.session.active {
+                    return Err(OryError::Unauthenticated);
+                }
                 Ok(Whoami { session, cache_for })
             }
             StatusCode::UNAUTHORIZED => Err(OryError::Unauthenticated),

@@ -353,7 +353,12 @@ fn vendored_ory_specs_match_the_shared_snapshot() {
         eprintln!("{} is absent; nothing to compare", shared.display());
         return;
     }
-    for name in ["kratos-api.openapi3.json", "kratos-config.schema.json"] {
+    for name in [
+        "kratos-api.openapi3.json",
+        "kratos-config.schema.json",
+        "fixtures/session.aal2-with-devices.json",
+        "fixtures/identity.admin-with-credentials.json",
+    ] {
         assert!(
             read(&shared.join(name)) == read(&shared_file(name)),
             "spec/ory/{name} differs from ../shared/ory/{name}: refresh it (spec/ory/README.md)"

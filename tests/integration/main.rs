@@ -13,6 +13,7 @@ mod cache;
 mod database;
 mod deploy;
 mod hooks;
+mod kratos_fixtures;
 mod link;
 mod lookup;
 mod ory_urls;
