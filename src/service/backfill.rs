@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::IdentityMapper;
-use super::walk::{PageRead, RetryPolicy, Stopped, describe, is_outage};
+use super::walk::{PageRead, RetryPolicy, Stopped, WalkAgain, describe, is_outage};
 use crate::domain::{Identity, IdentityId, LinkRequest, User, UserId, UserState};
 use crate::error::Error;
 use crate::store::{BackfillCounts, RunProgress};
@@ -153,7 +153,7 @@ impl IdentityMapper {
             dry_run: options.dry_run,
         };
         let mut cursor = run.as_ref().and_then(|r| r.cursor.clone());
-        let mut walked_again = false;
+        let mut walk_again = WalkAgain::default();
         if let Some(run) = &run {
             tracing::info!(run = run.id, resumed = report.resumed_from.is_some(), cursor = ?cursor, "backfill started");
         }
@@ -170,22 +170,18 @@ impl IdentityMapper {
                 // Current Kratos's page tokens expire after an hour, so a run resumed later than
                 // that (or after Ory changed its pagination secret) cannot go on where it stopped.
                 // Walking again from the first page is safe and honest: linking is idempotent, and
-                // identities the run already counted are skipped. Once per invocation, so a Kratos
-                // that refuses every token cannot keep the walk going round.
-                Ok(PageRead::TokenRefused(reason)) if !walked_again => {
-                    tracing::warn!(
-                        %reason,
-                        "Ory refused the page token; walking again from the first page, keeping the run's counts"
-                    );
-                    walked_again = true;
-                    cursor = None;
-                    continue;
-                }
+                // identities the run already counted are skipped.
                 Ok(PageRead::TokenRefused(reason)) => {
-                    report.stopped = Some(Stopped::Failed(format!(
-                        "listing Ory identities: Ory refused the page token again after a walk from the first page: {reason}"
-                    )));
-                    break;
+                    match walk_again.after_refusal(&reason, "the run's counts") {
+                        Ok(()) => {
+                            cursor = None;
+                            continue;
+                        }
+                        Err(stopped) => {
+                            report.stopped = Some(stopped);
+                            break;
+                        }
+                    }
                 }
                 Err(stopped) => {
                     report.stopped = Some(stopped);

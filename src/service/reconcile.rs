@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::IdentityMapper;
-use super::walk::{PageRead, RetryPolicy, Stopped, describe, is_outage, with_retry};
+use super::walk::{PageRead, RetryPolicy, Stopped, WalkAgain, describe, is_outage, with_retry};
 use crate::domain::{Identity, IdentityId, User, UserId, UserState};
 use crate::error::Error;
 use crate::ory::OryError;
@@ -203,7 +203,7 @@ impl IdentityMapper {
         };
         let mut seen: HashSet<IdentityId> = HashSet::new();
         let mut cursor: Option<String> = None;
-        let mut walked_again = false;
+        let mut walk_again = WalkAgain::default();
         let mut unreadable: HashSet<String> = HashSet::new();
 
         // 1. Every identity Ory has.
@@ -217,23 +217,20 @@ impl IdentityMapper {
                 .await
             {
                 Ok(PageRead::Page(page)) => page,
-                // The token expired (a page stalled for an hour) or Kratos's pagination secret
-                // changed: walk again from the first page, passing over what was compared already.
-                // Once only, so a Kratos that refuses every token cannot keep the walk going round.
-                Ok(PageRead::TokenRefused(reason)) if !walked_again => {
-                    tracing::warn!(
-                        %reason,
-                        "Ory refused the page token; walking again from the first page, skipping identities already compared"
-                    );
-                    walked_again = true;
-                    cursor = None;
-                    continue;
-                }
+                // A page stalled for an hour, or the pagination secret changed: walk again from
+                // the first page, passing over what was compared already.
                 Ok(PageRead::TokenRefused(reason)) => {
-                    report.stopped = Some(Stopped::Failed(format!(
-                        "Ory refused the page token again after a walk from the first page ({reason}); run idmap reconcile again"
-                    )));
-                    return Ok(report);
+                    match walk_again.after_refusal(&reason, "skipping identities already compared")
+                    {
+                        Ok(()) => {
+                            cursor = None;
+                            continue;
+                        }
+                        Err(stopped) => {
+                            report.stopped = Some(stopped);
+                            return Ok(report);
+                        }
+                    }
                 }
                 Err(stopped) => {
                     report.stopped = Some(stopped);

@@ -124,6 +124,33 @@ pub(crate) enum PageRead {
     TokenRefused(String),
 }
 
+/// The one walk from the first page again that a run may take after Ory refused its page token
+/// (it expired, or Kratos's pagination secret changed). Once only, so a Kratos that refuses every
+/// token cannot keep the walk going round.
+#[derive(Debug, Default)]
+pub(crate) struct WalkAgain {
+    taken: bool,
+}
+
+impl WalkAgain {
+    /// `Ok` when the walk may start again from the first page; why it must stop otherwise.
+    /// `keeping` says what the walk keeps from before, for the log.
+    pub(crate) fn after_refusal(&mut self, reason: &str, keeping: &str) -> Result<(), Stopped> {
+        if self.taken {
+            return Err(Stopped::Failed(format!(
+                "listing Ory identities: Ory refused the page token again after a walk from the first page: {reason}"
+            )));
+        }
+        tracing::warn!(
+            %reason,
+            keeping,
+            "Ory refused the page token; walking again from the first page"
+        );
+        self.taken = true;
+        Ok(())
+    }
+}
+
 impl IdentityMapper {
     /// One page of identities, retried per `policy`.
     pub(crate) async fn identity_page(
