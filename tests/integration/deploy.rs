@@ -358,6 +358,7 @@ fn vendored_ory_specs_match_the_shared_snapshot() {
         "kratos-config.schema.json",
         "fixtures/session.aal2-with-devices.json",
         "fixtures/identity.admin-with-credentials.json",
+        "fixtures/webhook.pre-persist-identity-after-metadata_public-update.json",
     ] {
         assert!(
             read(&shared.join(name)) == read(&shared_file(name)),

@@ -1,7 +1,8 @@
-//! Kratos's own serialisations (ory/kratos's migratest fixtures, copied to `spec/ory/fixtures/`)
-//! served as Ory's answers, so idmap is shown to read what real Kratos sends, not only what the
-//! emulator sends: Go's zero times, empty AMR levels, `devices`, `credentials`, `schema_url`, null
-//! `metadata_public` and `organization_id`.
+//! Kratos's own serialisations (ory/kratos's fixtures and test snapshots, copied to
+//! `spec/ory/fixtures/`) served as Ory's answers and posted as Ory's webhook bodies, so idmap is
+//! shown to read what real Kratos sends, not only what the emulator sends: Go's zero times, empty
+//! AMR levels, `devices`, `credentials`, `schema_url`, null `metadata_public` and
+//! `organization_id`, the nil id of an identity not stored yet.
 
 use std::path::PathBuf;
 
@@ -10,6 +11,7 @@ use idmap::proto::api::{
     resolve_session_request::Credential,
 };
 use kratos_emulator::{Fault, Route};
+use secrecy::SecretString;
 use serde_json::{Value, json};
 use tonic::Code;
 
@@ -174,4 +176,41 @@ async fn a_whoami_answer_that_says_inactive_is_refused() {
         .unwrap_err();
     assert_code(&err, Code::Unauthenticated);
     assert_eq!(env.db.count("SELECT count(*) FROM users").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pre_persist_hook_body_in_kratos_own_serialisation_gets_the_id() {
+    const SECRET: &str = "fixture-hook-secret";
+    let env = Env::with(|c| c.hooks.secret = Some(SecretString::from(SECRET))).await;
+    // The identity as a `parse: true` registration hook sees it (Kratos's web hook test snapshot):
+    // nil id, zero times, credentials, metadata_admin, an external_id of Kratos's own.
+    let identity = fixture("webhook.pre-persist-identity-after-metadata_public-update.json");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let response = reqwest::Client::new()
+        .post(format!(
+            "http://{}/hooks/ory/registration/pre-persist",
+            env.server.http_addr
+        ))
+        .header("Authorization", SECRET)
+        .json(&json!({ "identity": identity }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: Value = response.json().await.unwrap();
+    // Kratos replaces each field the answer carries, so it carries metadata_public alone, whole:
+    // Kratos's external_id and metadata_admin stay as they are.
+    assert_eq!(body["identity"].as_object().unwrap().len(), 1, "{body}");
+    let metadata = body["identity"]["metadata_public"].as_object().unwrap();
+    assert_eq!(metadata.len(), 2, "{body}");
+    assert_eq!(metadata["useful"], "metadata");
+    let user_id = metadata["id"].as_str().unwrap();
+    assert_eq!(
+        env.db
+            .count(&format!(
+                "SELECT count(*) FROM pending_users WHERE id = '{user_id}' AND schema_id = 'default'"
+            ))
+            .await,
+        1
+    );
 }
