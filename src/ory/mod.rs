@@ -211,7 +211,9 @@ impl KratosClient {
             .send_admin(self.admin(Method::PATCH, url).json(&[op]))
             .await?;
         match response.status() {
-            StatusCode::OK => Ok(MetadataWrite::Written),
+            // Kratos answers 200 with the identity; a proxy or another implementation may answer
+            // 204. Either way the patch was applied.
+            status if status.is_success() => Ok(MetadataWrite::Written),
             StatusCode::NOT_FOUND => Err(OryError::NotFound),
             StatusCode::CONFLICT => Err(OryError::Conflict),
             _ => Err(unexpected(response).await),

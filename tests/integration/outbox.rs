@@ -136,6 +136,30 @@ async fn metadata_write_for_a_deleted_identity_is_parked_not_retried_forever() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_write_answered_204_is_delivered() {
+    let env = Env::new().await;
+    let identity_id = identity(&env.ory, "customer", "nocontent@example.com");
+    // Kratos answers the patch 200 with the identity; a proxy or another implementation may answer
+    // 204 No Content, which is as much a success.
+    env.ory.inject_fault(
+        Route::AdminWrite,
+        Fault {
+            status: 204,
+            headers: Vec::new(),
+            body: None,
+            times: Some(1),
+            delay: None,
+            gate: None,
+        },
+    );
+    link_user(&env.client(), identity_id).await;
+    env.db
+        .wait_for_outbox("SELECT count(*) FROM ory_outbox", 0)
+        .await;
+    assert_eq!(env.ory.calls(Route::AdminWrite), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_write_ory_rejects_is_parked_after_a_few_attempts() {
     let env = Env::new().await;
     let identity_id = identity(&env.ory, "customer", "rejected@example.com");
