@@ -87,17 +87,12 @@ async fn a_cached_session_is_not_served_past_its_expiry() {
     body["expires_at"] = expired_at.to_rfc3339().into();
     env.ory.inject_fault(
         Route::Whoami,
-        Fault {
-            status: 200,
-            headers: vec![(
-                "X-Kratos-Authenticated-Identity-Id".into(),
-                identity_id.to_string(),
-            )],
-            body: Some(body),
-            times: Some(1),
-            delay: None,
-            gate: None,
-        },
+        Fault::answer(200, Some(body))
+            .header(
+                "X-Kratos-Authenticated-Identity-Id",
+                &identity_id.to_string(),
+            )
+            .times(1),
     );
     let mut client = env.client();
     let resolved = client

@@ -26,18 +26,6 @@ fn fixture(name: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// Ory answering `status` with `body` once, as Kratos would.
-fn answer(status: u16, body: Value, headers: Vec<(String, String)>) -> Fault {
-    Fault {
-        status,
-        headers,
-        body: Some(body),
-        times: Some(1),
-        delay: None,
-        gate: None,
-    }
-}
-
 fn seconds(rfc3339: &str) -> i64 {
     chrono::DateTime::parse_from_rfc3339(rfc3339)
         .unwrap()
@@ -56,14 +44,9 @@ async fn a_whoami_answer_in_kratos_own_serialisation_resolves() {
     let identity_id = body["identity"]["id"].as_str().unwrap().to_owned();
     env.ory.inject_fault(
         Route::Whoami,
-        answer(
-            200,
-            body,
-            vec![(
-                "X-Kratos-Authenticated-Identity-Id".into(),
-                identity_id.clone(),
-            )],
-        ),
+        Fault::answer(200, Some(body))
+            .header("X-Kratos-Authenticated-Identity-Id", &identity_id)
+            .times(1),
     );
 
     let resolved = env
@@ -124,7 +107,7 @@ async fn an_admin_identity_in_kratos_own_serialisation_links() {
     body["metadata_admin"] = json!({"risk": "internal only"});
     let identity_id = body["id"].as_str().unwrap().to_owned();
     env.ory
-        .inject_fault(Route::AdminRead, answer(200, body, Vec::new()));
+        .inject_fault(Route::AdminRead, Fault::answer(200, Some(body)).times(1));
 
     let mut client = env.client();
     let linked = client
@@ -164,7 +147,7 @@ async fn a_whoami_answer_that_says_inactive_is_refused() {
     let body = fixture("session.aal2-with-devices.json");
     assert_eq!(body["active"], json!(false));
     env.ory
-        .inject_fault(Route::Whoami, answer(200, body, Vec::new()));
+        .inject_fault(Route::Whoami, Fault::answer(200, Some(body)).times(1));
     let err = env
         .client()
         .resolve_session(ResolveSessionRequest {

@@ -141,17 +141,8 @@ async fn metadata_write_answered_204_is_delivered() {
     let identity_id = identity(&env.ory, "customer", "nocontent@example.com");
     // Kratos answers the patch 200 with the identity; a proxy or another implementation may answer
     // 204 No Content, which is as much a success.
-    env.ory.inject_fault(
-        Route::AdminWrite,
-        Fault {
-            status: 204,
-            headers: Vec::new(),
-            body: None,
-            times: Some(1),
-            delay: None,
-            gate: None,
-        },
-    );
+    env.ory
+        .inject_fault(Route::AdminWrite, Fault::answer(204, None).times(1));
     link_user(&env.client(), identity_id).await;
     env.db
         .wait_for_outbox("SELECT count(*) FROM ory_outbox", 0)

@@ -207,6 +207,19 @@ impl Fault {
         }
     }
 
+    /// Answer `code` with exactly `body` (none: an empty body), as a canned Ory answer: a recorded
+    /// Kratos response, or what another implementation or a proxy might send.
+    pub fn answer(code: u16, body: Option<Value>) -> Fault {
+        Fault {
+            status: code,
+            headers: Vec::new(),
+            body,
+            times: None,
+            delay: None,
+            gate: None,
+        }
+    }
+
     /// Ory Network rate limiting: 429 with `Retry-After` and `x-ratelimit-*` headers.
     pub fn rate_limited(retry_after_secs: u64) -> Fault {
         let mut f = Fault::status(429);
@@ -252,6 +265,12 @@ impl Fault {
     /// Wait `d` before answering.
     pub fn delay(mut self, d: Duration) -> Fault {
         self.delay = Some(d);
+        self
+    }
+
+    /// Send this header too.
+    pub fn header(mut self, name: &str, value: &str) -> Fault {
+        self.headers.push((name.to_owned(), value.to_owned()));
         self
     }
 }

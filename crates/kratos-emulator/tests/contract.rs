@@ -1250,14 +1250,12 @@ async fn faults_and_counters() {
     assert!(started.elapsed() >= Duration::from_millis(150));
     emu.inject_fault(
         Route::Whoami,
-        Fault {
-            status: 500,
-            headers: vec![("X-Custom".into(), "1".into())],
-            body: Some(json!({"error": {"code": 500, "message": "boom"}})),
-            times: Some(1),
-            delay: None,
-            gate: None,
-        }
+        Fault::answer(
+            500,
+            Some(json!({"error": {"code": 500, "message": "boom"}})),
+        )
+        .header("X-Custom", "1")
+        .times(1)
         .delay(Duration::from_millis(50)),
     );
     let r = whoami().await.unwrap();
