@@ -10,7 +10,8 @@ use diesel_async::RunQueryDsl;
 use idmap::error::Error;
 use idmap::proto::api::GetUserByOryIdRequest;
 use idmap::service::{
-    BackfillOptions, Drift, ReconcileObserver, ReconcileOptions, RetryPolicy, Stopped,
+    BackfillOptions, BackfillReport, Drift, IdentityMapper, ReconcileObserver, ReconcileOptions,
+    RetryPolicy, Stopped,
 };
 use idmap::store::BackfillCounts;
 use kratos_emulator::{
@@ -37,6 +38,30 @@ fn options(page_size: u32) -> BackfillOptions {
         retry: quick_retry(),
         ..BackfillOptions::default()
     }
+}
+
+/// A backfill run to its end: nothing watches it and nothing stops it but Ory.
+async fn run_backfill(mapper: &IdentityMapper, options: &BackfillOptions) -> BackfillReport {
+    mapper
+        .backfill(options, &|_: &BackfillCounts| {}, &CancellationToken::new())
+        .await
+        .unwrap()
+}
+
+/// A backfill stopped as Ctrl-C stops it, once the run's counts (resumed pages included) reach
+/// `pages` pages.
+async fn interrupted_at(
+    mapper: &IdentityMapper,
+    options: &BackfillOptions,
+    pages: i64,
+) -> BackfillReport {
+    let cancel = CancellationToken::new();
+    let stop = |c: &BackfillCounts| {
+        if c.pages >= pages {
+            cancel.cancel();
+        }
+    };
+    mapper.backfill(options, &stop, &cancel).await.unwrap()
 }
 
 /// An idmap (not serving: backfill and reconcile are commands) on `db` and `ory`, without an admin
@@ -147,16 +172,7 @@ async fn backfill_of_thousands_resumes_after_interruptions_without_duplicates_or
     let options = options(100);
 
     // 1. Ctrl-C after five pages.
-    let cancel = CancellationToken::new();
-    let stop_after_5 = |c: &BackfillCounts| {
-        if c.pages == 5 {
-            cancel.cancel();
-        }
-    };
-    let first = mapper
-        .backfill(&options, &stop_after_5, &cancel)
-        .await
-        .unwrap();
+    let first = interrupted_at(mapper, &options, 5).await;
     assert_eq!(first.stopped, Some(Stopped::Interrupted));
     assert_eq!(first.counts.pages, 5);
     assert_eq!(first.counts.created, 500);
@@ -191,14 +207,7 @@ async fn backfill_of_thousands_resumes_after_interruptions_without_duplicates_or
     ory.inject_fault(Route::AdminRead, Fault::status(500).times(1));
     ory.inject_fault(Route::AdminRead, Fault::rate_limited(1).times(1));
     let started = tokio::time::Instant::now();
-    let third = mapper
-        .backfill(
-            &options,
-            &|_: &BackfillCounts| {},
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+    let third = run_backfill(mapper, &options).await;
     assert!(third.is_success(), "{third:?}");
     assert!(
         started.elapsed() >= Duration::from_secs(1),
@@ -237,14 +246,7 @@ async fn backfill_of_thousands_resumes_after_interruptions_without_duplicates_or
 
     // A later run starts over and finds everything linked; the write already queued absorbs the
     // new one.
-    let again = mapper
-        .backfill(
-            &options,
-            &|_: &BackfillCounts| {},
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+    let again = run_backfill(mapper, &options).await;
     assert!(again.resumed_from.is_none());
     assert_eq!(again.counts.created, 0);
     assert_eq!(again.counts.queued, 3000);
@@ -269,15 +271,7 @@ async fn backfill_follows_next_links_sent_in_a_link_header_of_their_own() {
     .unwrap();
     let seeded: HashSet<Uuid> = seed(&ory, 45, "split").into_iter().collect();
     let app = app(&db, &ory).await;
-    let report = app
-        .mapper()
-        .backfill(
-            &options(10),
-            &|_: &BackfillCounts| {},
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+    let report = run_backfill(app.mapper(), &options(10)).await;
     assert!(report.is_success(), "{report:?}");
     assert_eq!((report.counts.pages, report.counts.scanned), (5, 45));
     assert_eq!(ory.calls(Route::AdminRead), 5);
@@ -294,16 +288,7 @@ async fn backfill_resumed_after_its_page_token_expired_walks_again_from_the_firs
     let mapper = app.mapper();
     let options = options(10);
 
-    let cancel = CancellationToken::new();
-    let stop_after_2 = |c: &BackfillCounts| {
-        if c.pages == 2 {
-            cancel.cancel();
-        }
-    };
-    let first = mapper
-        .backfill(&options, &stop_after_2, &cancel)
-        .await
-        .unwrap();
+    let first = interrupted_at(mapper, &options, 2).await;
     assert_eq!(first.stopped, Some(Stopped::Interrupted));
     assert_eq!(first.counts.created, 20);
 
@@ -312,14 +297,7 @@ async fn backfill_resumed_after_its_page_token_expired_walks_again_from_the_firs
     ory.expire_page_tokens();
     seeded.extend(seed(&ory, 5, "meanwhile"));
     ory.reset_calls();
-    let resumed = mapper
-        .backfill(
-            &options,
-            &|_: &BackfillCounts| {},
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+    let resumed = run_backfill(mapper, &options).await;
     assert!(resumed.is_success(), "{resumed:?}");
     assert!(resumed.resumed_from.is_some());
     // The refused call, then every page from the first.
@@ -340,23 +318,11 @@ async fn backfill_resumed_after_its_page_token_expired_walks_again_from_the_firs
 
     // A Kratos that keeps refusing tokens stops the run instead of walking round: once refused
     // on resume, the first page read, the next token refused again.
-    let cancel = CancellationToken::new();
-    let stop_after_1 = |_: &BackfillCounts| cancel.cancel();
-    mapper
-        .backfill(&options, &stop_after_1, &cancel)
-        .await
-        .unwrap();
+    interrupted_at(mapper, &options, 1).await;
     ory.inject_fault(Route::AdminRead, Fault::status(400).times(1));
     ory.inject_fault(Route::AdminRead, Fault::delay_only(Duration::ZERO).times(1));
     ory.inject_fault(Route::AdminRead, Fault::status(400).times(1));
-    let stuck = mapper
-        .backfill(
-            &options,
-            &|_: &BackfillCounts| {},
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+    let stuck = run_backfill(mapper, &options).await;
     assert!(
         matches!(&stuck.stopped, Some(Stopped::Failed(why)) if why.contains("refused")),
         "{:?}",
@@ -388,14 +354,7 @@ async fn backfill_stopped_in_the_middle_of_a_page_resumes_without_duplicates_mis
         ),
     )
     .await;
-    let stopped = mapper
-        .backfill(
-            &options,
-            &|_: &BackfillCounts| {},
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+    let stopped = run_backfill(mapper, &options).await;
     assert!(
         matches!(&stopped.stopped, Some(Stopped::Failed(_))),
         "{:?}",
@@ -412,14 +371,7 @@ async fn backfill_stopped_in_the_middle_of_a_page_resumes_without_duplicates_mis
         "DROP TRIGGER fail_one ON users; DROP FUNCTION fail_one();",
     )
     .await;
-    let resumed = mapper
-        .backfill(
-            &options,
-            &|_: &BackfillCounts| {},
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+    let resumed = run_backfill(mapper, &options).await;
     assert!(resumed.is_success(), "{resumed:?}");
     // The nine users the run made before it stopped still count as created by it.
     assert_eq!(
@@ -453,15 +405,7 @@ async fn backfill_calls_ory_no_faster_than_the_admin_rate_limit() {
     ory.reset_calls();
 
     let started = tokio::time::Instant::now();
-    let report = app
-        .mapper()
-        .backfill(
-            &options(5),
-            &|_: &BackfillCounts| {},
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+    let report = run_backfill(app.mapper(), &options(5)).await;
     let elapsed = started.elapsed();
     assert!(report.is_success(), "{report:?}");
     // Eight pages, one list call each and no other admin call: seven waits of 100 ms between them.
@@ -487,10 +431,7 @@ async fn backfill_restart_starts_over_and_dry_run_writes_nothing() {
         dry_run: true,
         ..options(25)
     };
-    let report = mapper
-        .backfill(&dry, &|_: &BackfillCounts| {}, &CancellationToken::new())
-        .await
-        .unwrap();
+    let report = run_backfill(mapper, &dry).await;
     assert!(report.is_success());
     assert_eq!(report.counts.pages, 3);
     assert_eq!(report.counts.scanned, 60);
@@ -505,21 +446,12 @@ async fn backfill_restart_starts_over_and_dry_run_writes_nothing() {
     assert!(idmap::backfill::backfill_summary(&report).contains("nothing was written"));
 
     // Interrupted after one page; --restart ignores the saved place and walks from the start.
-    let cancel = CancellationToken::new();
-    let stop = |_: &BackfillCounts| cancel.cancel();
-    mapper.backfill(&options(25), &stop, &cancel).await.unwrap();
+    interrupted_at(mapper, &options(25), 1).await;
     let restart = BackfillOptions {
         restart: true,
         ..options(25)
     };
-    let report = mapper
-        .backfill(
-            &restart,
-            &|_: &BackfillCounts| {},
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+    let report = run_backfill(mapper, &restart).await;
     assert!(report.is_success());
     assert!(report.resumed_from.is_none());
     assert_eq!(report.counts.pages, 3);
@@ -541,11 +473,9 @@ async fn backfill_skips_correct_identities_and_goes_through_the_link_path() {
     let correct = seed(&ory, 20, "correct");
     let app = app(&db, &ory).await;
     let mapper = app.mapper();
-    let quiet = |_: &BackfillCounts| {};
-    let never = CancellationToken::new();
 
     // Linked, and Ory has the ids: the state a finished backfill plus the outbox leaves.
-    mapper.backfill(&options(8), &quiet, &never).await.unwrap();
+    run_backfill(mapper, &options(8)).await;
     deliver_outbox(&db, &ory).await;
 
     // Now some that need work:
@@ -592,7 +522,7 @@ async fn backfill_skips_correct_identities_and_goes_through_the_link_path() {
     }));
     assert_eq!(db.count("SELECT count(*) FROM pending_users").await, 1);
 
-    let report = mapper.backfill(&options(8), &quiet, &never).await.unwrap();
+    let report = run_backfill(mapper, &options(8)).await;
     assert!(report.is_success(), "{report:?}");
     assert_eq!(report.counts.scanned, 23);
     assert_eq!(report.counts.already_linked, 17);
@@ -666,10 +596,7 @@ async fn reconcile_reports_then_fixes_every_kind_of_drift() {
     let app = app(&db, &ory).await;
     let mapper = app.mapper();
     let never = CancellationToken::new();
-    mapper
-        .backfill(&options(16), &|_: &BackfillCounts| {}, &never)
-        .await
-        .unwrap();
+    run_backfill(mapper, &options(16)).await;
     deliver_outbox(&db, &ory).await;
     let report_only = ReconcileOptions {
         page_size: 16,
@@ -830,10 +757,7 @@ async fn reconcile_reports_metadata_that_is_not_an_object_as_unfixable() {
     let app = app(&db, &ory).await;
     let mapper = app.mapper();
     let never = CancellationToken::new();
-    mapper
-        .backfill(&options(10), &|_: &BackfillCounts| {}, &never)
-        .await
-        .unwrap();
+    run_backfill(mapper, &options(10)).await;
     deliver_outbox(&db, &ory).await;
     // Someone stored a list where idmap keeps an object: adding `id` would destroy it.
     let odd = ids[2];
@@ -886,10 +810,7 @@ async fn reconcile_confirms_a_missing_identity_before_marking_it_deleted() {
     let app = app(&db, &ory).await;
     let mapper = app.mapper();
     let never = CancellationToken::new();
-    mapper
-        .backfill(&options(10), &|_: &BackfillCounts| {}, &never)
-        .await
-        .unwrap();
+    run_backfill(mapper, &options(10)).await;
     deliver_outbox(&db, &ory).await;
     assert!(ory.delete_identity(ids[0]));
 
@@ -941,10 +862,7 @@ async fn reconcile_walks_again_from_the_first_page_when_ory_refuses_its_page_tok
     let app = app(&db, &ory).await;
     let mapper = app.mapper();
     let never = CancellationToken::new();
-    mapper
-        .backfill(&options(10), &|_: &BackfillCounts| {}, &never)
-        .await
-        .unwrap();
+    run_backfill(mapper, &options(10)).await;
     deliver_outbox(&db, &ory).await;
     // One drift on the first page (compared before the refusal), one on the last (after it).
     let (early, late) = (ids[0], ids[29]);

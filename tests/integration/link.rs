@@ -282,10 +282,7 @@ async fn link_with_ory_unreachable_is_unavailable_and_stores_nothing() {
     let err = call(&mut env.client(), link(a, "", "crm-down"))
         .await
         .unwrap_err();
-    assert_code(&err, Code::Unavailable);
-    assert_eq!(error_info(&err).0, "ORY_UNAVAILABLE");
-    assert_eq!(env.db.count("SELECT count(*) FROM users").await, 0);
-    assert_eq!(env.db.count("SELECT count(*) FROM ory_outbox").await, 0);
+    assert_ory_unavailable_and_nothing_stored(&env, &err).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,10 +419,7 @@ async fn link_when_ory_times_out_is_unavailable_and_stores_nothing() {
     let err = call(&mut env.client(), link(a, "", "crm-slow"))
         .await
         .unwrap_err();
-    assert_code(&err, Code::Unavailable);
-    assert_eq!(error_info(&err).0, "ORY_UNAVAILABLE");
-    assert_eq!(env.db.count("SELECT count(*) FROM users").await, 0);
-    assert_eq!(env.db.count("SELECT count(*) FROM ory_outbox").await, 0);
+    assert_ory_unavailable_and_nothing_stored(&env, &err).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -443,4 +437,13 @@ async fn link_with_an_api_key_ory_refuses_is_unavailable_naming_the_setting() {
     assert!(err.message().contains("ORY_API_KEY"), "{err:?}");
     assert!(!format!("{err:?}").contains(WRONG));
     assert_eq!(env.db.count("SELECT count(*) FROM users").await, 0);
+}
+
+/// The link failed with UNAVAILABLE (ORY_UNAVAILABLE) and left nothing behind: no user, no write
+/// queued.
+async fn assert_ory_unavailable_and_nothing_stored(env: &Env, err: &tonic::Status) {
+    assert_code(err, Code::Unavailable);
+    assert_eq!(error_info(err).0, "ORY_UNAVAILABLE");
+    assert_eq!(env.db.count("SELECT count(*) FROM users").await, 0);
+    assert_eq!(env.db.count("SELECT count(*) FROM ory_outbox").await, 0);
 }
