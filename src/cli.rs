@@ -37,14 +37,12 @@ pub enum Command {
     Migrate(DatabaseArgs),
     /// Run everything locally: a private PostgreSQL (unless DATABASE_URL is set), a Kratos emulator
     /// seeded with demo identities and sessions, and the server.
+    #[cfg(feature = "dev")]
     Dev(Box<crate::dev::DevArgs>),
     /// Link every Ory identity that has no user yet (resumable; see README "Backfill").
     Backfill(Box<crate::backfill::BackfillArgs>),
     /// Find (and with --fix repair) drift between users and Ory identities.
     Reconcile(Box<crate::backfill::ReconcileArgs>),
-    /// Benchmark idmap (see BENCHMARKS.md): by default against servers started in this process
-    /// with a private PostgreSQL and the Kratos emulator.
-    Bench(Box<crate::bench::BenchArgs>),
 }
 
 /// A setting that is wrong; the process exits with 64 (EX_USAGE).

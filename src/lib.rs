@@ -7,10 +7,10 @@
 
 pub mod app;
 pub mod backfill;
-pub mod bench;
 pub mod cache;
 pub mod cli;
 pub mod config;
+#[cfg(feature = "dev")]
 pub mod dev;
 pub mod domain;
 pub mod error;

@@ -33,8 +33,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => idmap::cli::serve(args).await,
             Command::Migrate(args) => idmap::cli::migrate(args).await,
+            #[cfg(feature = "dev")]
             Command::Dev(args) => idmap::dev::run(*args).await,
-            Command::Bench(args) => idmap::bench::run(*args).await.map(|_| ()),
             Command::Backfill(args) => idmap::backfill::backfill(*args).await,
             Command::Reconcile(args) => idmap::backfill::reconcile(*args).await,
         }

@@ -7,7 +7,6 @@
 mod common;
 
 mod backfill;
-mod bench;
 mod binary;
 mod cache;
 mod database;

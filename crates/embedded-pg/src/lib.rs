@@ -23,6 +23,9 @@
 //! kernel closes that write end, the watchdog sees EOF, stops the server
 //! (`pg_ctl stop -m immediate`) and deletes the temporary directory.
 
+// Published to the workspace as a library other crates build on, so every public item says what it is for.
+#![warn(missing_docs)]
+
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs;

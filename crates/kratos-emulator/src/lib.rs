@@ -12,6 +12,9 @@
 //! email/password preset: `traits.email` and `traits.username` become password identifiers
 //! (unique, lowercased), and `traits.email` becomes a verifiable and a recovery address.
 
+// Published to the workspace as a library other crates build on, so every public item says what it is for.
+#![warn(missing_docs)]
+
 mod herodot;
 mod http;
 mod page_tokens;

@@ -1,4 +1,4 @@
-//! `idmap bench`: the benchmark harness of issue 3. It drives idmap through the generated tonic
+//! `idmap-bench`: the benchmark harness. It drives idmap through the generated tonic
 //! client over real TCP, by default against servers it starts in this process (a private
 //! PostgreSQL or a fresh database in DATABASE_URL, the Kratos emulator, `App::build` + `serve` on
 //! 127.0.0.1:0), and measures each scenario next to `grpc.health.v1.Health/Check` on the same server
@@ -23,13 +23,33 @@ use secrecy::SecretString;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-use crate::config::{CommonArgs, Config, parse_database_url, parse_duration};
-use crate::proto::api::{
+use env::{Database, Server};
+use idmap::config::{CommonArgs, Config, parse_database_url, parse_duration};
+use idmap::proto::api::{
     self, identity_service_client::IdentityServiceClient, resolve_session_request,
 };
-use env::{Database, Server};
 use load::{CallFuture, LoadResult, MakeCall, OryCalls, Plan};
 pub use report::{Baseline, Finding, Report, Row};
+
+/// The command line of `idmap-bench`.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "idmap-bench",
+    version,
+    about = "Benchmark idmap (see BENCHMARKS.md): by default against servers started in this process with a private PostgreSQL and the Kratos emulator"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub args: BenchArgs,
+    /// Log line format.
+    #[arg(
+        long,
+        env = "IDMAP_LOG_FORMAT",
+        value_name = "IDMAP_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: idmap::telemetry::LogFormat,
+}
 
 /// A benchmark scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum)]
@@ -104,7 +124,7 @@ impl Scenario {
     }
 }
 
-/// Settings of `idmap bench`.
+/// Settings of `idmap-bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     /// Scenario to run; repeat the flag for several, or `all`.
@@ -518,7 +538,7 @@ fn new_sessions(emulator: &Emulator, identities: &[Uuid], n: usize) -> Vec<Strin
 fn base_config(args: &BenchArgs, db: &Database, emulator: &Emulator) -> anyhow::Result<Config> {
     let ory = url::Url::parse(&emulator.url()).context("the emulator's URL")?;
     Config::new(db.url.clone(), ory, None, args.server.clone())
-        .map_err(|e| anyhow::Error::from(crate::cli::ConfigError(e)))
+        .map_err(|e| anyhow::Error::from(idmap::cli::ConfigError(e)))
 }
 
 async fn in_process(args: &BenchArgs, report: &mut Report) -> anyhow::Result<()> {
@@ -782,7 +802,7 @@ async fn main_scenario(
             ratio_finding(report, name, &load, baseline, 0.8, None);
         }
         Scenario::BatchGet => {
-            let size = args.batch_size.clamp(1, crate::service::MAX_BATCH_IDS);
+            let size = args.batch_size.clamp(1, idmap::service::MAX_BATCH_IDS);
             let label = format!("{label}; {size} ids per call");
             measure(
                 args,
@@ -1188,7 +1208,7 @@ async fn external(args: &BenchArgs, target: &str, report: &mut Report) -> anyhow
             _ => batch_get(
                 cl.clone(),
                 args.users,
-                args.batch_size.clamp(1, crate::service::MAX_BATCH_IDS),
+                args.batch_size.clamp(1, idmap::service::MAX_BATCH_IDS),
             ),
         };
         let load = measure(args, name, &label, make, None, Some(baseline), report).await;

@@ -331,7 +331,7 @@ pub fn shell_quote(arg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::load::{LoadResult, record};
+    use crate::load::{LoadResult, record};
 
     fn result(latencies_ms: &[u64], elapsed: Duration) -> LoadResult {
         let l: Vec<Duration> = latencies_ms
@@ -358,7 +358,7 @@ mod tests {
         assert!(close(r.latency(0.99), 99.0), "{:?}", r.latency(0.99));
         assert!(close(r.max(), 100.0));
         assert_eq!(r.throughput(), 50.0);
-        let mut h = crate::bench::load::new_histogram();
+        let mut h = crate::load::new_histogram();
         record(&mut h, Duration::ZERO);
         assert_eq!(h.min(), 1, "zero latencies are clamped into the histogram");
     }
@@ -405,7 +405,7 @@ mod tests {
             memory_bytes: Some(1 << 30),
             load_average: "0.00 0.00 0.00".into(),
         };
-        let md = markdown(&report, &machine, "idmap bench", "today");
+        let md = markdown(&report, &machine, "idmap-bench", "today");
         assert!(md.contains("| get-by-ory-id | defaults | 3.0 |"), "{md}");
         assert_eq!(shell_quote("--scenario=all"), "--scenario=all");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");

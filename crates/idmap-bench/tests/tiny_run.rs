@@ -1,14 +1,15 @@
-//! `idmap bench` runs end to end: a tiny run of a few scenarios through the same code path as the
+//! `idmap-bench` runs end to end: a tiny run of a few scenarios through the same code path as the
 //! command (argument parsing included). Performance is never asserted, only that it measured.
 
+#![allow(clippy::unwrap_used)]
+
 use clap::Parser;
-use idmap::cli::{Cli, Command};
+use idmap_bench::Cli;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_tiny_run_measures_and_coalesces_to_one_whoami() {
     let cli = Cli::try_parse_from([
-        "idmap",
-        "bench",
+        "idmap-bench",
         "--duration=1s",
         "--warmup=100ms",
         "--concurrency=4",
@@ -25,10 +26,7 @@ async fn bench_tiny_run_measures_and_coalesces_to_one_whoami() {
         "--rounds=2",
     ])
     .unwrap();
-    let Command::Bench(args) = cli.command else {
-        panic!("not the bench command");
-    };
-    let report = idmap::bench::run(*args).await.unwrap();
+    let report = idmap_bench::run(cli.args).await.unwrap();
 
     for scenario in [
         "health-check (baseline)",

@@ -16,8 +16,8 @@ use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 use uuid::Uuid;
 
-use crate::config::Config;
-use crate::store::migrate;
+use idmap::config::Config;
+use idmap::store::migrate;
 
 /// Seeded user `i`'s Ory identity id: `b0000000-0000-4000-8000-<i as 12 hex digits>`, so SQL
 /// (`generate_series`) and the client compute the same ids without exchanging them.
@@ -250,7 +250,7 @@ impl Server {
     pub async fn start(mut config: Config) -> anyhow::Result<Self> {
         config.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         config.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
-        let app = crate::App::build(config).await?;
+        let app = idmap::App::build(config).await?;
         let grpc = TcpListener::bind("127.0.0.1:0").await?;
         let http = TcpListener::bind("127.0.0.1:0").await?;
         let addr = grpc.local_addr()?;

@@ -1,0 +1,33 @@
+//! `idmap-bench`: see the crate docs and BENCHMARKS.md.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use idmap_bench::Cli;
+
+// The server under test runs in this process, so it gets the allocator the `idmap` binary has;
+// otherwise the benchmark would measure another allocator than production runs with.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    idmap::telemetry::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(idmap_bench::run(cli.args)) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
