@@ -6,27 +6,22 @@
 //! through the outbox (`outbox.rs`).
 
 pub mod app;
-pub mod backfill;
 pub mod cache;
-pub mod cli;
+pub mod cmd;
 pub mod config;
-#[cfg(feature = "dev")]
-pub mod dev;
 pub mod domain;
 pub mod error;
 pub mod grpc;
-pub mod hooks;
-mod http;
-pub mod invalidation;
+pub mod http;
+pub mod jobs;
 pub mod ory;
-pub mod outbox;
-pub mod pending;
 pub mod proto;
 pub mod service;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 mod tls;
+pub mod worker;
 
 pub use app::App;
 pub use config::Config;

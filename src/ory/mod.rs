@@ -9,7 +9,6 @@ mod dto;
 mod error;
 mod limit;
 
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +20,7 @@ use url::Url;
 pub use error::OryError;
 pub use limit::OryLimiter;
 
-use crate::config::{ENV_ORY_ADMIN_URL, ENV_ORY_API_KEY, ENV_ORY_PUBLIC_URL};
+use crate::config::{ENV_ORY_ADMIN_URL, ENV_ORY_API_KEY, ENV_ORY_PUBLIC_URL, OryConfig};
 use crate::domain::{
     Credential, CredentialKind, Identity, IdentityId, SessionWithIdentity, UserId,
 };
@@ -29,23 +28,6 @@ use dto::{ErrorBody, IdentityDto, PatchOp, SessionDto};
 
 /// The largest Ory response body read; identities with big traits stay far below it.
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
-
-/// Where Ory is and how to reach it.
-#[derive(Clone)]
-pub struct OryConfig {
-    /// Base URL of the public API (`/sessions/whoami`).
-    pub public_url: Url,
-    /// Base URL of the admin API (`/admin/identities`).
-    pub admin_url: Url,
-    /// Bearer token for the admin API (Ory Network project API key).
-    pub api_key: Option<SecretString>,
-    /// Upper bound on one Ory call, connect to last byte.
-    pub timeout: Duration,
-    /// Most whoami calls per second (`None`: unlimited).
-    pub whoami_rps: Option<NonZeroU32>,
-    /// Most admin API calls per second (`None`: unlimited).
-    pub admin_rps: Option<NonZeroU32>,
-}
 
 /// Whoami's answer, with Ory's caching hint.
 #[derive(Debug, Clone)]

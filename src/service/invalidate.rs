@@ -1,7 +1,7 @@
 use super::IdentityMapper;
+use crate::cache::invalidation::Eviction;
 use crate::domain::{Credential, IdentityId};
 use crate::error::Error;
-use crate::invalidation::Eviction;
 
 /// What InvalidateSession evicts.
 #[derive(Debug, Clone)]

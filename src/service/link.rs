@@ -37,7 +37,7 @@ impl IdentityMapper {
     }
 
     /// [`Self::link_seen_identity`] for backfill run `run`, which records the users it creates.
-    pub(super) async fn link_seen_identity_in_run(
+    pub async fn link_seen_identity_in_run(
         &self,
         mut request: LinkRequest,
         identity: &Identity,

@@ -1,41 +1,27 @@
 //! The use cases the gRPC layer calls: resolve a session, look a user up, link an identity. They
 //! orchestrate the store and Ory and own the decisions; they know nothing of protobuf, SQL or HTTP.
 
-mod backfill;
 mod invalidate;
 mod link;
 mod lookup;
-mod reconcile;
 mod registration;
 mod resolve;
-mod walk;
 
 use std::sync::Arc;
 
 use tokio::sync::Notify;
 
 use crate::cache::Caches;
+use crate::cache::invalidation::{Eviction, Invalidator};
+use crate::config::ServiceSettings;
 use crate::domain::User;
-use crate::invalidation::{Eviction, Invalidator};
 use crate::ory::KratosClient;
 use crate::store::Store;
 
-pub use backfill::{BackfillObserver, BackfillOptions, BackfillReport, DEFAULT_PAGE_SIZE};
 pub use invalidate::InvalidateTarget;
 pub use lookup::MAX_BATCH_IDS;
-pub use reconcile::{Drift, ReconcileObserver, ReconcileOptions, ReconcileReport};
 pub use registration::Reservation;
 pub use resolve::Resolved;
-pub use walk::{MAX_PAGE_SIZE, RetryPolicy, Stopped, describe as describe_error};
-
-/// Behaviour switches for the use cases.
-#[derive(Debug, Clone)]
-pub struct ServiceSettings {
-    /// Link a user just in time when ResolveSession sees an identity without one.
-    pub auto_link: bool,
-    /// An extra session cookie name to accept (Kratos's `session.cookie.name`).
-    pub session_cookie_name: Option<String>,
-}
 
 /// The identity mapper: the use cases behind every RPC.
 pub struct IdentityMapper {
@@ -80,7 +66,7 @@ impl IdentityMapper {
     /// After a write changed a user: evict it on every replica, then cache the new state here.
     /// The write has committed, so a failed announcement is logged, not returned: other replicas
     /// then serve the old user for at most the user cache's TTL.
-    pub(crate) async fn user_written(&self, user: &User) {
+    pub async fn user_written(&self, user: &User) {
         if let Err(e) = self
             .invalidator
             .announce(Eviction::User(user.ory_identity_id))

@@ -5,17 +5,17 @@
 //! lost connections) apart from query failures, so callers can answer UNAVAILABLE without looking at
 //! diesel errors.
 
-mod backfill;
+mod backfill_runs;
+mod listen;
 pub mod migrate;
 mod models;
-mod outbox;
-mod pending;
+mod ory_outbox;
+mod pending_users;
 mod schema;
 mod users;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError, QueryResult};
 use diesel_async::pooled_connection::deadpool::{Object, Pool, PoolError};
@@ -26,33 +26,12 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use futures_util::FutureExt;
 use secrecy::{ExposeSecret, SecretString};
 
-pub use backfill::{BackfillCounts, BackfillRun, RunProgress};
-pub use outbox::{OutboxKind, OutboxRow};
+pub use crate::config::PoolOptions;
+
+pub use backfill_runs::{BackfillCounts, BackfillRun, RunProgress};
+pub use listen::{Notifications, listen};
+pub use ory_outbox::{OutboxKind, OutboxRow};
 pub use users::{LinkConflict, LinkFacts, LinkResult};
-
-/// Pool sizing and timeouts.
-#[derive(Debug, Clone)]
-pub struct PoolOptions {
-    /// Most connections open at once.
-    pub max_size: usize,
-    /// How long a request waits for a free connection before the store reports itself unavailable.
-    pub wait_timeout: Duration,
-    /// Server-side bound on any one statement.
-    pub statement_timeout: Duration,
-    /// Connections (out of `max_size`) that single-user lookups share, pipelined (see [`Readers`]).
-    pub read_connections: usize,
-}
-
-impl Default for PoolOptions {
-    fn default() -> Self {
-        Self {
-            max_size: 16,
-            wait_timeout: Duration::from_secs(3),
-            statement_timeout: Duration::from_secs(5),
-            read_connections: 2,
-        }
-    }
-}
 
 /// Errors from the store. Cheap to clone, so one failed load can answer every caller waiting on it.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -66,36 +45,66 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Sorts a query's failure by what PostgreSQL said (its SQLSTATE, as diesel-async maps it to
+    /// [`DatabaseErrorKind`]) or by the connection failing under it.
     fn classify(error: DieselError) -> Self {
-        if let DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, info) = &error {
-            return Self::Unavailable(info.message().to_owned());
-        }
-        // diesel-async reports a dropped connection in several shapes; the message is what they share.
         let message = error.to_string();
-        if is_transient_message(&message) {
-            Self::Unavailable(message)
-        } else {
-            Self::Query(message)
+        match &error {
+            // No SQLSTATE at all: the connection failed (closed, reset, timed out) under the query.
+            DieselError::DatabaseError(
+                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+                _,
+            ) => Self::Unavailable(message),
+            // 40001, and 25006 from a primary demoted to a replica: retrying (elsewhere) helps.
+            DieselError::DatabaseError(
+                DatabaseErrorKind::SerializationFailure | DatabaseErrorKind::ReadOnlyTransaction,
+                _,
+            ) => Self::Unavailable(message),
+            DieselError::DatabaseError(DatabaseErrorKind::Unknown, info)
+                if transient_sqlstate_message(info.message()) =>
+            {
+                Self::Unavailable(message)
+            }
+            _ => Self::Query(message),
+        }
+    }
+
+    /// Sorts a failure of the dedicated LISTEN connection, which tokio-postgres reports with its
+    /// SQLSTATE.
+    fn from_postgres(error: tokio_postgres::Error) -> Self {
+        match error.code() {
+            None => Self::Unavailable(error.to_string()),
+            Some(code) if is_transient_sqlstate(code) => Self::Unavailable(error.to_string()),
+            Some(_) => Self::Query(error.to_string()),
         }
     }
 }
 
-/// Messages PostgreSQL and tokio-postgres give for conditions that pass (restarts, timeouts,
-/// connection loss); everything else is treated as a bug and logged in full.
-fn is_transient_message(message: &str) -> bool {
-    let m = message.to_ascii_lowercase();
-    [
+/// SQLSTATEs of conditions that pass: connection exceptions (08), insufficient resources (53),
+/// operator intervention such as a restart or a statement timeout (57), transaction rollbacks
+/// (40: serialization failures, deadlocks), and a read-only transaction (25006) on a demoted
+/// primary.
+fn is_transient_sqlstate(code: &tokio_postgres::error::SqlState) -> bool {
+    let code = code.code();
+    ["08", "53", "57", "40"]
+        .iter()
+        .any(|class| code.starts_with(class))
+        || code == "25006"
+}
+
+/// diesel-async maps only some SQLSTATEs to a [`DatabaseErrorKind`] and keeps the rest as
+/// `Unknown` without the code (`DatabaseErrorInformation` has no accessor for it). For those
+/// transient classes ([`is_transient_sqlstate`]) diesel cannot name, PostgreSQL's primary message
+/// is the only trace of the code left; these are its texts for 57014, 57P01-57P03, 53300 and 40P01.
+fn transient_sqlstate_message(message: &str) -> bool {
+    const MESSAGES: [&str; 5] = [
         "canceling statement due to statement timeout",
         "terminating connection",
         "the database system is",
-        "connection closed",
-        "connection reset",
-        "could not serialize",
-        "deadlock detected",
         "too many clients",
-    ]
-    .iter()
-    .any(|needle| m.contains(needle))
+        "deadlock detected",
+    ];
+    MESSAGES.iter().any(|m| message.starts_with(m))
 }
 
 impl From<PoolError> for StoreError {

@@ -2,7 +2,7 @@ use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 use super::models::{NewExternalIdRow, NewUserRow, UserRow};
-use super::outbox::{self, OutboxKind};
+use super::ory_outbox::{self as outbox, OutboxKind};
 use super::schema::{pending_users, user_external_ids, users};
 use super::{Store, StoreError};
 use crate::domain::{ExternalId, IdentityId, LinkOutcome, LinkRequest, User, UserId, UserState};
@@ -304,7 +304,7 @@ async fn link_in_tx(
                 insert_external_id(conn, user_id, external_id).await?;
             }
             if let Some(run) = backfill_run {
-                super::backfill::mark_created(conn, run, identity).await?;
+                super::backfill_runs::mark_created(conn, run, identity).await?;
             }
             (user_id, true)
         }

@@ -8,11 +8,11 @@ use std::time::Duration;
 use diesel::sql_types::{Text, Uuid as SqlUuid};
 use diesel_async::RunQueryDsl;
 use idmap::error::Error;
-use idmap::proto::api::GetUserByOryIdRequest;
-use idmap::service::{
-    BackfillOptions, BackfillReport, Drift, IdentityMapper, ReconcileObserver, ReconcileOptions,
-    RetryPolicy, Stopped,
+use idmap::jobs::{
+    BackfillOptions, BackfillReport, Drift, Jobs, ReconcileObserver, ReconcileOptions, RetryPolicy,
+    Stopped,
 };
+use idmap::proto::api::GetUserByOryIdRequest;
 use idmap::store::BackfillCounts;
 use kratos_emulator::{
     Emulator, EmulatorConfig, Fault, LinkHeader, NewIdentity, PageTokens, Route,
@@ -41,27 +41,22 @@ fn options(page_size: u32) -> BackfillOptions {
 }
 
 /// A backfill run to its end: nothing watches it and nothing stops it but Ory.
-async fn run_backfill(mapper: &IdentityMapper, options: &BackfillOptions) -> BackfillReport {
-    mapper
-        .backfill(options, &|_: &BackfillCounts| {}, &CancellationToken::new())
+async fn run_backfill(jobs: &Jobs, options: &BackfillOptions) -> BackfillReport {
+    jobs.backfill(options, &|_: &BackfillCounts| {}, &CancellationToken::new())
         .await
         .unwrap()
 }
 
 /// A backfill stopped as Ctrl-C stops it, once the run's counts (resumed pages included) reach
 /// `pages` pages.
-async fn interrupted_at(
-    mapper: &IdentityMapper,
-    options: &BackfillOptions,
-    pages: i64,
-) -> BackfillReport {
+async fn interrupted_at(jobs: &Jobs, options: &BackfillOptions, pages: i64) -> BackfillReport {
     let cancel = CancellationToken::new();
     let stop = |c: &BackfillCounts| {
         if c.pages >= pages {
             cancel.cancel();
         }
     };
-    mapper.backfill(options, &stop, &cancel).await.unwrap()
+    jobs.backfill(options, &stop, &cancel).await.unwrap()
 }
 
 /// An idmap (not serving: backfill and reconcile are commands) on `db` and `ory`, without an admin
@@ -168,11 +163,11 @@ async fn backfill_of_thousands_resumes_after_interruptions_without_duplicates_or
     let ory = emulator().await;
     let seeded: HashSet<Uuid> = seed(&ory, 3000, "bulk").into_iter().collect();
     let app = app(&db, &ory).await;
-    let mapper = app.mapper();
+    let jobs = app.jobs();
     let options = options(100);
 
     // 1. Ctrl-C after five pages.
-    let first = interrupted_at(mapper, &options, 5).await;
+    let first = interrupted_at(&jobs, &options, 5).await;
     assert_eq!(first.stopped, Some(Stopped::Interrupted));
     assert_eq!(first.counts.pages, 5);
     assert_eq!(first.counts.created, 500);
@@ -186,7 +181,7 @@ async fn backfill_of_thousands_resumes_after_interruptions_without_duplicates_or
             ory.inject_fault(Route::AdminRead, Fault::status(503));
         }
     };
-    let second = mapper
+    let second = jobs
         .backfill(&options, &fail_after_12, &CancellationToken::new())
         .await
         .unwrap();
@@ -207,7 +202,7 @@ async fn backfill_of_thousands_resumes_after_interruptions_without_duplicates_or
     ory.inject_fault(Route::AdminRead, Fault::status(500).times(1));
     ory.inject_fault(Route::AdminRead, Fault::rate_limited(1).times(1));
     let started = tokio::time::Instant::now();
-    let third = run_backfill(mapper, &options).await;
+    let third = run_backfill(&jobs, &options).await;
     assert!(third.is_success(), "{third:?}");
     assert!(
         started.elapsed() >= Duration::from_secs(1),
@@ -246,7 +241,7 @@ async fn backfill_of_thousands_resumes_after_interruptions_without_duplicates_or
 
     // A later run starts over and finds everything linked; the write already queued absorbs the
     // new one.
-    let again = run_backfill(mapper, &options).await;
+    let again = run_backfill(&jobs, &options).await;
     assert!(again.resumed_from.is_none());
     assert_eq!(again.counts.created, 0);
     assert_eq!(again.counts.queued, 3000);
@@ -271,7 +266,7 @@ async fn backfill_follows_next_links_sent_in_a_link_header_of_their_own() {
     .unwrap();
     let seeded: HashSet<Uuid> = seed(&ory, 45, "split").into_iter().collect();
     let app = app(&db, &ory).await;
-    let report = run_backfill(app.mapper(), &options(10)).await;
+    let report = run_backfill(&app.jobs(), &options(10)).await;
     assert!(report.is_success(), "{report:?}");
     assert_eq!((report.counts.pages, report.counts.scanned), (5, 45));
     assert_eq!(ory.calls(Route::AdminRead), 5);
@@ -285,10 +280,10 @@ async fn backfill_resumed_after_its_page_token_expired_walks_again_from_the_firs
     let ory = emulator().await;
     let mut seeded: HashSet<Uuid> = seed(&ory, 50, "expiry").into_iter().collect();
     let app = app(&db, &ory).await;
-    let mapper = app.mapper();
+    let jobs = app.jobs();
     let options = options(10);
 
-    let first = interrupted_at(mapper, &options, 2).await;
+    let first = interrupted_at(&jobs, &options, 2).await;
     assert_eq!(first.stopped, Some(Stopped::Interrupted));
     assert_eq!(first.counts.created, 20);
 
@@ -297,7 +292,7 @@ async fn backfill_resumed_after_its_page_token_expired_walks_again_from_the_firs
     ory.expire_page_tokens();
     seeded.extend(seed(&ory, 5, "meanwhile"));
     ory.reset_calls();
-    let resumed = run_backfill(mapper, &options).await;
+    let resumed = run_backfill(&jobs, &options).await;
     assert!(resumed.is_success(), "{resumed:?}");
     assert!(resumed.resumed_from.is_some());
     // The refused call, then every page from the first.
@@ -318,11 +313,11 @@ async fn backfill_resumed_after_its_page_token_expired_walks_again_from_the_firs
 
     // A Kratos that keeps refusing tokens stops the run instead of walking round: once refused
     // on resume, the first page read, the next token refused again.
-    interrupted_at(mapper, &options, 1).await;
+    interrupted_at(&jobs, &options, 1).await;
     ory.inject_fault(Route::AdminRead, Fault::status(400).times(1));
     ory.inject_fault(Route::AdminRead, Fault::delay_only(Duration::ZERO).times(1));
     ory.inject_fault(Route::AdminRead, Fault::status(400).times(1));
-    let stuck = run_backfill(mapper, &options).await;
+    let stuck = run_backfill(&jobs, &options).await;
     assert!(
         matches!(&stuck.stopped, Some(Stopped::Failed(why)) if why.contains("refused")),
         "{:?}",
@@ -338,7 +333,7 @@ async fn backfill_stopped_in_the_middle_of_a_page_resumes_without_duplicates_mis
     let mut seeded = seed(&ory, 50, "midpage");
     seeded.sort();
     let app = app(&db, &ory).await;
-    let mapper = app.mapper();
+    let jobs = app.jobs();
     let options = options(10);
 
     // The database fails one link of the third page (identities are listed in id order), as if it
@@ -354,7 +349,7 @@ async fn backfill_stopped_in_the_middle_of_a_page_resumes_without_duplicates_mis
         ),
     )
     .await;
-    let stopped = run_backfill(mapper, &options).await;
+    let stopped = run_backfill(&jobs, &options).await;
     assert!(
         matches!(&stopped.stopped, Some(Stopped::Failed(_))),
         "{:?}",
@@ -371,7 +366,7 @@ async fn backfill_stopped_in_the_middle_of_a_page_resumes_without_duplicates_mis
         "DROP TRIGGER fail_one ON users; DROP FUNCTION fail_one();",
     )
     .await;
-    let resumed = run_backfill(mapper, &options).await;
+    let resumed = run_backfill(&jobs, &options).await;
     assert!(resumed.is_success(), "{resumed:?}");
     // The nine users the run made before it stopped still count as created by it.
     assert_eq!(
@@ -405,7 +400,7 @@ async fn backfill_calls_ory_no_faster_than_the_admin_rate_limit() {
     ory.reset_calls();
 
     let started = tokio::time::Instant::now();
-    let report = run_backfill(app.mapper(), &options(5)).await;
+    let report = run_backfill(&app.jobs(), &options(5)).await;
     let elapsed = started.elapsed();
     assert!(report.is_success(), "{report:?}");
     // Eight pages, one list call each and no other admin call: seven waits of 100 ms between them.
@@ -425,13 +420,13 @@ async fn backfill_restart_starts_over_and_dry_run_writes_nothing() {
     let ory = emulator().await;
     seed(&ory, 60, "dry");
     let app = app(&db, &ory).await;
-    let mapper = app.mapper();
+    let jobs = app.jobs();
 
     let dry = BackfillOptions {
         dry_run: true,
         ..options(25)
     };
-    let report = run_backfill(mapper, &dry).await;
+    let report = run_backfill(&jobs, &dry).await;
     assert!(report.is_success());
     assert_eq!(report.counts.pages, 3);
     assert_eq!(report.counts.scanned, 60);
@@ -443,15 +438,15 @@ async fn backfill_restart_starts_over_and_dry_run_writes_nothing() {
             "dry run wrote to {table}"
         );
     }
-    assert!(idmap::backfill::backfill_summary(&report).contains("nothing was written"));
+    assert!(idmap::cmd::jobs::backfill_summary(&report).contains("nothing was written"));
 
     // Interrupted after one page; --restart ignores the saved place and walks from the start.
-    interrupted_at(mapper, &options(25), 1).await;
+    interrupted_at(&jobs, &options(25), 1).await;
     let restart = BackfillOptions {
         restart: true,
         ..options(25)
     };
-    let report = run_backfill(mapper, &restart).await;
+    let report = run_backfill(&jobs, &restart).await;
     assert!(report.is_success());
     assert!(report.resumed_from.is_none());
     assert_eq!(report.counts.pages, 3);
@@ -472,10 +467,10 @@ async fn backfill_skips_correct_identities_and_goes_through_the_link_path() {
     let ory = emulator().await;
     let correct = seed(&ory, 20, "correct");
     let app = app(&db, &ory).await;
-    let mapper = app.mapper();
+    let jobs = app.jobs();
 
     // Linked, and Ory has the ids: the state a finished backfill plus the outbox leaves.
-    run_backfill(mapper, &options(8)).await;
+    run_backfill(&jobs, &options(8)).await;
     deliver_outbox(&db, &ory).await;
 
     // Now some that need work:
@@ -506,7 +501,7 @@ async fn backfill_skips_correct_identities_and_goes_through_the_link_path() {
         ..NewIdentity::default()
     }));
     // - new, whose id the pre-persist hook reserved: the pending user is claimed;
-    let reservation = mapper.reserve_user("customer", None).await.unwrap();
+    let reservation = app.mapper().reserve_user("customer", None).await.unwrap();
     let registered = id_of(&ory.create_identity(NewIdentity {
         schema_id: "customer".into(),
         traits: json!({"email": "registered@example.com"}),
@@ -522,14 +517,14 @@ async fn backfill_skips_correct_identities_and_goes_through_the_link_path() {
     }));
     assert_eq!(db.count("SELECT count(*) FROM pending_users").await, 1);
 
-    let report = run_backfill(mapper, &options(8)).await;
+    let report = run_backfill(&jobs, &options(8)).await;
     assert!(report.is_success(), "{report:?}");
     assert_eq!(report.counts.scanned, 23);
     assert_eq!(report.counts.already_linked, 17);
     assert_eq!(report.counts.queued, 1);
     assert_eq!(report.counts.drifted, 2);
     assert_eq!(report.counts.created, 3);
-    let summary = idmap::backfill::backfill_summary(&report);
+    let summary = idmap::cmd::jobs::backfill_summary(&report);
     assert!(summary.contains("already linked:  17"), "{summary}");
     assert!(summary.contains("drift:           2"), "{summary}");
 
@@ -576,7 +571,7 @@ impl ReconcileObserver for Lines {
         self.0
             .lock()
             .unwrap()
-            .push(idmap::backfill::drift_line(drift, repair));
+            .push(idmap::cmd::jobs::drift_line(drift, repair));
     }
 }
 
@@ -594,9 +589,9 @@ async fn reconcile_reports_then_fixes_every_kind_of_drift() {
     let ory = emulator().await;
     let ids = seed(&ory, 40, "rec");
     let app = app(&db, &ory).await;
-    let mapper = app.mapper();
+    let jobs = app.jobs();
     let never = CancellationToken::new();
-    run_backfill(mapper, &options(16)).await;
+    run_backfill(&jobs, &options(16)).await;
     deliver_outbox(&db, &ory).await;
     let report_only = ReconcileOptions {
         page_size: 16,
@@ -610,10 +605,7 @@ async fn reconcile_reports_then_fixes_every_kind_of_drift() {
 
     // In step: nothing to report.
     let lines = Lines::default();
-    let clean = mapper
-        .reconcile(&report_only, &lines, &never)
-        .await
-        .unwrap();
+    let clean = jobs.reconcile(&report_only, &lines, &never).await.unwrap();
     assert_eq!(clean.drift_total(), 0, "{:?}", lines.take());
     assert_eq!((clean.identities, clean.users), (40, 40));
 
@@ -665,10 +657,7 @@ async fn reconcile_reports_then_fixes_every_kind_of_drift() {
     ];
 
     // Report only: every drift once, nothing written.
-    let report = mapper
-        .reconcile(&report_only, &lines, &never)
-        .await
-        .unwrap();
+    let report = jobs.reconcile(&report_only, &lines, &never).await.unwrap();
     assert_eq!(lines.take(), expected);
     assert_eq!(report.drift_total(), 5);
     assert_eq!(report.unlinked, 1);
@@ -677,12 +666,12 @@ async fn reconcile_reports_then_fixes_every_kind_of_drift() {
     assert_eq!(user_state(&db, deleted).await, "active");
     assert_eq!(user_state(&db, returned).await, "deleted");
     assert_eq!(db.count("SELECT count(*) FROM ory_outbox").await, 0);
-    let summary = idmap::backfill::reconcile_summary(&report);
+    let summary = idmap::cmd::jobs::reconcile_summary(&report);
     assert!(summary.contains("deleted:            1"), "{summary}");
     assert!(summary.contains("unlinked:           1"), "{summary}");
 
     // --fix: the same drifts, each repaired.
-    let fixed = mapper.reconcile(&fix, &lines, &never).await.unwrap();
+    let fixed = jobs.reconcile(&fix, &lines, &never).await.unwrap();
     let repaired: Vec<String> = expected.iter().map(|l| format!("{l} [fixed]")).collect();
     assert_eq!(lines.take(), repaired);
     assert_eq!((fixed.fixed, fixed.failed), (5, 0));
@@ -708,10 +697,7 @@ async fn reconcile_reports_then_fixes_every_kind_of_drift() {
     // Once the outbox has delivered, all is in step; the deleted user is not asked about again.
     deliver_outbox(&db, &ory).await;
     ory.reset_calls();
-    let clean = mapper
-        .reconcile(&report_only, &lines, &never)
-        .await
-        .unwrap();
+    let clean = jobs.reconcile(&report_only, &lines, &never).await.unwrap();
     assert_eq!(clean.drift_total(), 0, "{:?}", lines.take());
     assert_eq!(
         ory.calls(Route::AdminRead),
@@ -721,7 +707,7 @@ async fn reconcile_reports_then_fixes_every_kind_of_drift() {
 
     // The deactivated identity is reactivated in Ory: its user follows.
     ory.set_identity_state(inactive, "active");
-    let report = mapper.reconcile(&fix, &lines, &never).await.unwrap();
+    let report = jobs.reconcile(&fix, &lines, &never).await.unwrap();
     assert_eq!(
         lines.take(),
         vec![format!(
@@ -755,9 +741,9 @@ async fn reconcile_reports_metadata_that_is_not_an_object_as_unfixable() {
     let ory = emulator().await;
     let ids = seed(&ory, 6, "notobj");
     let app = app(&db, &ory).await;
-    let mapper = app.mapper();
+    let jobs = app.jobs();
     let never = CancellationToken::new();
-    run_backfill(mapper, &options(10)).await;
+    run_backfill(&jobs, &options(10)).await;
     deliver_outbox(&db, &ory).await;
     // Someone stored a list where idmap keeps an object: adding `id` would destroy it.
     let odd = ids[2];
@@ -778,10 +764,7 @@ async fn reconcile_reports_metadata_that_is_not_an_object_as_unfixable() {
         retry: quick_retry(),
     };
 
-    let report = mapper
-        .reconcile(&report_only, &lines, &never)
-        .await
-        .unwrap();
+    let report = jobs.reconcile(&report_only, &lines, &never).await.unwrap();
     assert_eq!(lines.take(), vec![expected.clone()]);
     assert_eq!(report.drifts.get("metadata-not-object"), Some(&1));
     assert_eq!(report.drifts.get("metadata-missing"), None);
@@ -792,11 +775,11 @@ async fn reconcile_reports_metadata_that_is_not_an_object_as_unfixable() {
         fix: true,
         ..report_only
     };
-    let report = mapper.reconcile(&fix, &lines, &never).await.unwrap();
+    let report = jobs.reconcile(&fix, &lines, &never).await.unwrap();
     assert_eq!(lines.take(), vec![expected], "no [fixed] suffix");
     assert_eq!((report.fixed, report.unfixable, report.failed), (0, 1, 0));
     assert_eq!(db.count("SELECT count(*) FROM ory_outbox").await, 0);
-    let summary = idmap::backfill::reconcile_summary(&report);
+    let summary = idmap::cmd::jobs::reconcile_summary(&report);
     assert!(summary.contains("metadata-not-object: 1"), "{summary}");
     assert!(summary.contains("fixed:              0"), "{summary}");
     assert!(summary.contains("not fixable:        1"), "{summary}");
@@ -808,9 +791,9 @@ async fn reconcile_confirms_a_missing_identity_before_marking_it_deleted() {
     let ory = emulator().await;
     let ids = seed(&ory, 5, "confirm");
     let app = app(&db, &ory).await;
-    let mapper = app.mapper();
+    let jobs = app.jobs();
     let never = CancellationToken::new();
-    run_backfill(mapper, &options(10)).await;
+    run_backfill(&jobs, &options(10)).await;
     deliver_outbox(&db, &ory).await;
     assert!(ory.delete_identity(ids[0]));
 
@@ -823,12 +806,12 @@ async fn reconcile_confirms_a_missing_identity_before_marking_it_deleted() {
     };
     ory.inject_fault(Route::AdminRead, Fault::delay_only(Duration::ZERO).times(1));
     ory.inject_fault(Route::AdminRead, Fault::status(502).times(3));
-    let report = mapper.reconcile(&fix, &lines, &never).await.unwrap();
+    let report = jobs.reconcile(&fix, &lines, &never).await.unwrap();
     assert_eq!((report.failed, report.drift_total()), (1, 0));
     assert_eq!(user_state(&db, ids[0]).await, "active");
 
     // With Ory answering, the 404 is confirmed and recorded.
-    let report = mapper.reconcile(&fix, &lines, &never).await.unwrap();
+    let report = jobs.reconcile(&fix, &lines, &never).await.unwrap();
     assert_eq!((report.failed, report.fixed), (0, 1));
     assert_eq!(user_state(&db, ids[0]).await, "deleted");
 }
@@ -860,9 +843,9 @@ async fn reconcile_walks_again_from_the_first_page_when_ory_refuses_its_page_tok
     let mut ids = seed(&ory, 30, "retoken");
     ids.sort();
     let app = app(&db, &ory).await;
-    let mapper = app.mapper();
+    let jobs = app.jobs();
     let never = CancellationToken::new();
-    run_backfill(mapper, &options(10)).await;
+    run_backfill(&jobs, &options(10)).await;
     deliver_outbox(&db, &ory).await;
     // One drift on the first page (compared before the refusal), one on the last (after it).
     let (early, late) = (ids[0], ids[29]);
@@ -884,7 +867,7 @@ async fn reconcile_walks_again_from_the_first_page_when_ory_refuses_its_page_tok
         retry: quick_retry(),
     };
     ory.reset_calls();
-    let report = mapper.reconcile(&options, &observer, &never).await.unwrap();
+    let report = jobs.reconcile(&options, &observer, &never).await.unwrap();
     assert!(report.stopped.is_none(), "{:?}", report.stopped);
     // Page 1, the refused page 2, then pages 1 to 3 again; no identity needed a confirming GET.
     assert_eq!(ory.calls(Route::AdminRead), 5);
@@ -910,7 +893,7 @@ async fn reconcile_walks_again_from_the_first_page_when_ory_refuses_its_page_tok
     ory.inject_fault(Route::AdminRead, Fault::delay_only(Duration::ZERO).times(1));
     ory.inject_fault(Route::AdminRead, Fault::status(400).times(1));
     let lines = Lines::default();
-    let stuck = mapper.reconcile(&options, &lines, &never).await.unwrap();
+    let stuck = jobs.reconcile(&options, &lines, &never).await.unwrap();
     assert!(
         matches!(&stuck.stopped, Some(Stopped::Failed(why)) if why.contains("refused the page token again")),
         "{:?}",

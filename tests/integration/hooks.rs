@@ -4,9 +4,10 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use idmap::pending::{PendingSettings, PendingSweeper};
+use idmap::config::PendingSettings;
 use idmap::proto::api::{ResolveSessionRequest, resolve_session_request::Credential};
 use idmap::store::{PoolOptions, Store};
+use idmap::worker::pending_sweep::PendingSweeper;
 use kratos_emulator::{NewIdentity, NewSession};
 use secrecy::SecretString;
 use serde_json::{Value, json};

@@ -167,14 +167,14 @@ async fn metadata_write_ory_rejects_is_parked_after_a_few_attempts() {
         env.db
             .count(&format!(
                 "SELECT count(*) FROM ory_outbox WHERE attempts = {} AND last_error LIKE '%status 400%'",
-                idmap::outbox::MAX_REJECTED_ATTEMPTS
+                idmap::worker::outbox::MAX_REJECTED_ATTEMPTS
             ))
             .await,
         1
     );
     assert_eq!(
         env.ory.calls(Route::AdminWrite),
-        idmap::outbox::MAX_REJECTED_ATTEMPTS as u64
+        idmap::worker::outbox::MAX_REJECTED_ATTEMPTS as u64
     );
 }
 
@@ -186,7 +186,7 @@ async fn metadata_write_with_refused_credentials_keeps_retrying_until_they_work(
     // parked meanwhile.
     env.ory.inject_fault(Route::AdminWrite, Fault::status(401));
     let user = link_user(&env.client(), identity_id).await;
-    let beyond_parking = idmap::outbox::MAX_REJECTED_ATTEMPTS as u64 + 2;
+    let beyond_parking = idmap::worker::outbox::MAX_REJECTED_ATTEMPTS as u64 + 2;
     assert!(
         env.ory
             .wait_for_calls(Route::AdminWrite, beyond_parking, PATIENCE)

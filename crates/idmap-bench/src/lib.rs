@@ -537,8 +537,7 @@ fn new_sessions(emulator: &Emulator, identities: &[Uuid], n: usize) -> Vec<Strin
 /// environment), pointed at the benchmark's database and emulator.
 fn base_config(args: &BenchArgs, db: &Database, emulator: &Emulator) -> anyhow::Result<Config> {
     let ory = url::Url::parse(&emulator.url()).context("the emulator's URL")?;
-    Config::new(db.url.clone(), ory, None, args.server.clone())
-        .map_err(|e| anyhow::Error::from(idmap::cli::ConfigError(e)))
+    Config::new(db.url.clone(), ory, None, args.server.clone()).map_err(anyhow::Error::from)
 }
 
 async fn in_process(args: &BenchArgs, report: &mut Report) -> anyhow::Result<()> {

@@ -68,7 +68,7 @@ pub struct TestServer {
     pub http_addr: SocketAddr,
     pub client: Client,
     /// This replica's end of the invalidation channel, for its traffic counts.
-    invalidator: idmap::invalidation::Invalidator,
+    invalidator: idmap::cache::invalidation::Invalidator,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
 }

@@ -9,15 +9,13 @@ mod dto;
 mod error;
 mod handlers;
 
-use std::fmt;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::http::HeaderName;
 use axum::routing::post;
-use secrecy::SecretString;
 
+use crate::config::HookSettings;
 use crate::service::IdentityMapper;
 
 pub use auth::WebhookAuth;
@@ -25,27 +23,6 @@ pub use error::{HookError, message_id, messages_body};
 
 /// The largest webhook body accepted. A Kratos identity is a few KiB; the limit only stops abuse.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-
-/// The header Ory's `api_key` auth sends the secret in unless configured otherwise.
-pub const DEFAULT_HEADER: &str = "Authorization";
-
-/// How webhook requests authenticate.
-#[derive(Clone)]
-pub struct HookSettings {
-    /// The shared secret; `None` disables the endpoints (every request is refused).
-    pub secret: Option<SecretString>,
-    /// The header that carries the secret as its whole value (Ory `api_key` auth, `in: header`).
-    pub header: HeaderName,
-}
-
-impl fmt::Debug for HookSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HookSettings")
-            .field("secret", &self.secret.as_ref().map(|_| "[REDACTED]"))
-            .field("header", &self.header)
-            .finish()
-    }
-}
 
 #[derive(Clone)]
 struct HookState {

@@ -11,13 +11,12 @@ use clap::Args;
 use secrecy::SecretString;
 use url::Url;
 
-use crate::cache::CacheSettings;
-use crate::hooks::HookSettings;
-use crate::ory::OryConfig;
-use crate::outbox::OutboxSettings;
-use crate::pending::PendingSettings;
-use crate::service::ServiceSettings;
-use crate::store::PoolOptions;
+mod settings;
+
+pub use settings::{
+    CacheSettings, DEFAULT_HEADER, HookSettings, OryConfig, OutboxSettings, PendingSettings,
+    PoolOptions, ServiceSettings,
+};
 
 pub const ENV_DATABASE_URL: &str = "DATABASE_URL";
 pub const ENV_ORY_PUBLIC_URL: &str = "ORY_PUBLIC_URL";
@@ -27,6 +26,48 @@ pub const ENV_WEBHOOK_SECRET: &str = "IDMAP_WEBHOOK_SECRET";
 pub const ENV_WEBHOOK_HEADER: &str = "IDMAP_WEBHOOK_HEADER";
 pub const ENV_PENDING_USER_TTL: &str = "IDMAP_PENDING_USER_TTL";
 
+pub const ENV_OUTBOX_RETRY_MIN: &str = "IDMAP_OUTBOX_RETRY_MIN";
+pub const ENV_DB_READ_CONNECTIONS: &str = "IDMAP_DB_READ_CONNECTIONS";
+pub const ENV_GRPC_ADDR: &str = "IDMAP_GRPC_ADDR";
+pub const ENV_HTTP_ADDR: &str = "IDMAP_HTTP_ADDR";
+
+/// A setting that is wrong, named as the operator spells it. `idmap` exits with 64 (EX_USAGE).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Settings that each parse but contradict one another.
+    #[error("{setting} {requirement}")]
+    Conflict {
+        setting: &'static str,
+        requirement: &'static str,
+    },
+}
+
+impl ConfigError {
+    /// The environment variable (and, lower-cased, the flag) to fix.
+    pub fn setting(&self) -> &'static str {
+        match self {
+            Self::Conflict { setting, .. } => setting,
+        }
+    }
+}
+
+/// Why a flag's or variable's value was refused; clap prints it after the setting's name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidValue(String);
+
+impl From<&str> for InvalidValue {
+    fn from(problem: &str) -> Self {
+        Self(problem.to_owned())
+    }
+}
+
+impl From<String> for InvalidValue {
+    fn from(problem: String) -> Self {
+        Self(problem)
+    }
+}
+
 /// The shortest webhook secret accepted: anything shorter could be guessed.
 pub const MIN_WEBHOOK_SECRET_BYTES: usize = 16;
 
@@ -34,12 +75,12 @@ pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:50051";
 pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:8080";
 
 /// Parses a duration such as `500ms`, `5s` or `2m`.
-pub fn parse_duration(value: &str) -> Result<Duration, String> {
+pub fn parse_duration(value: &str) -> Result<Duration, InvalidValue> {
     humantime::parse_duration(value.trim())
-        .map_err(|e| format!("{e}; expected a duration such as 500ms, 5s or 2m"))
+        .map_err(|e| InvalidValue(format!("{e}; expected a duration such as 500ms, 5s or 2m")))
 }
 
-fn parse_positive_duration(value: &str) -> Result<Duration, String> {
+fn parse_positive_duration(value: &str) -> Result<Duration, InvalidValue> {
     let d = parse_duration(value)?;
     if d.is_zero() {
         return Err("must be greater than zero".into());
@@ -48,13 +89,10 @@ fn parse_positive_duration(value: &str) -> Result<Duration, String> {
 }
 
 /// An Ory base URL: http or https, with a host, without query or fragment.
-pub fn parse_http_url(value: &str) -> Result<Url, String> {
-    let url = Url::parse(value.trim()).map_err(|e| format!("not a URL: {e}"))?;
+pub fn parse_http_url(value: &str) -> Result<Url, InvalidValue> {
+    let url = Url::parse(value.trim()).map_err(|e| InvalidValue(format!("not a URL: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(format!(
-            "must be an http or https URL, not {}",
-            url.scheme()
-        ));
+        return Err(format!("must be an http or https URL, not {}", url.scheme()).into());
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err("must name a host".into());
@@ -69,9 +107,9 @@ pub fn parse_http_url(value: &str) -> Result<Url, String> {
 }
 
 /// A PostgreSQL URL. Only the shape is checked here; `serve` connects before it binds any port.
-pub fn parse_database_url(value: &str) -> Result<SecretString, String> {
+pub fn parse_database_url(value: &str) -> Result<SecretString, InvalidValue> {
     let url = Url::parse(value.trim()).map_err(|_| {
-        "not a URL; expected postgres://user[:password]@host[:port]/database".to_owned()
+        InvalidValue::from("not a URL; expected postgres://user[:password]@host[:port]/database")
     })?;
     if !matches!(url.scheme(), "postgres" | "postgresql") {
         return Err("must start with postgres:// or postgresql://".into());
@@ -79,7 +117,7 @@ pub fn parse_database_url(value: &str) -> Result<SecretString, String> {
     Ok(SecretString::from(value.trim().to_owned()))
 }
 
-fn parse_secret(value: &str) -> Result<SecretString, String> {
+fn parse_secret(value: &str) -> Result<SecretString, InvalidValue> {
     if value.trim().is_empty() {
         return Err("must not be empty when set".into());
     }
@@ -87,12 +125,13 @@ fn parse_secret(value: &str) -> Result<SecretString, String> {
 }
 
 /// A webhook secret: Ory sends it as a header value (or a basic-auth password), so it must be one.
-fn parse_webhook_secret(value: &str) -> Result<SecretString, String> {
+fn parse_webhook_secret(value: &str) -> Result<SecretString, InvalidValue> {
     let value = value.trim();
     if value.len() < MIN_WEBHOOK_SECRET_BYTES {
         return Err(format!(
             "must be at least {MIN_WEBHOOK_SECRET_BYTES} characters (e.g. `openssl rand -hex 32`)"
-        ));
+        )
+        .into());
     }
     if !value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
         return Err("must be printable ASCII, since it travels in an HTTP header".into());
@@ -100,12 +139,13 @@ fn parse_webhook_secret(value: &str) -> Result<SecretString, String> {
     Ok(SecretString::from(value.to_owned()))
 }
 
-fn parse_header_name(value: &str) -> Result<HeaderName, String> {
-    HeaderName::from_bytes(value.trim().as_bytes())
-        .map_err(|_| "must be an HTTP header name, such as Authorization or X-Idmap-Secret".into())
+fn parse_header_name(value: &str) -> Result<HeaderName, InvalidValue> {
+    HeaderName::from_bytes(value.trim().as_bytes()).map_err(|_| {
+        InvalidValue::from("must be an HTTP header name, such as Authorization or X-Idmap-Secret")
+    })
 }
 
-fn parse_cookie_name(value: &str) -> Result<String, String> {
+fn parse_cookie_name(value: &str) -> Result<String, InvalidValue> {
     let ok = !value.is_empty()
         && value
             .bytes()
@@ -117,14 +157,14 @@ fn parse_cookie_name(value: &str) -> Result<String, String> {
     }
 }
 
-fn parse_cache_size(value: &str) -> Result<u64, String> {
+fn parse_cache_size(value: &str) -> Result<u64, InvalidValue> {
     match value.trim().parse::<u64>() {
         Ok(n) if n >= 1 => Ok(n),
         _ => Err("must be a whole number of at least 1".into()),
     }
 }
 
-fn parse_pool_size(value: &str) -> Result<usize, String> {
+fn parse_pool_size(value: &str) -> Result<usize, InvalidValue> {
     match value.trim().parse::<usize>() {
         Ok(n) if (1..=1000).contains(&n) => Ok(n),
         _ => Err("must be a whole number from 1 to 1000".into()),
@@ -181,11 +221,11 @@ pub struct CommonArgs {
     pub auto_link: bool,
 
     /// Address of the gRPC server.
-    #[arg(long, env = "IDMAP_GRPC_ADDR", value_name = "IDMAP_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
+    #[arg(long, env = ENV_GRPC_ADDR, value_name = ENV_GRPC_ADDR, default_value = DEFAULT_GRPC_ADDR)]
     pub grpc_addr: SocketAddr,
 
     /// Address of the HTTP server (`/healthz`, `/readyz`).
-    #[arg(long, env = "IDMAP_HTTP_ADDR", value_name = "IDMAP_HTTP_ADDR", default_value = DEFAULT_HTTP_ADDR)]
+    #[arg(long, env = ENV_HTTP_ADDR, value_name = ENV_HTTP_ADDR, default_value = DEFAULT_HTTP_ADDR)]
     pub http_addr: SocketAddr,
 
     /// Most PostgreSQL connections open at once.
@@ -194,7 +234,7 @@ pub struct CommonArgs {
 
     /// Connections, out of IDMAP_DB_POOL_SIZE, that GetUserByOryId, GetByExternalId and the
     /// user lookups of ResolveSession share (their queries are pipelined on them).
-    #[arg(long, env = "IDMAP_DB_READ_CONNECTIONS", value_name = "IDMAP_DB_READ_CONNECTIONS", default_value = "2", value_parser = parse_pool_size)]
+    #[arg(long, env = ENV_DB_READ_CONNECTIONS, value_name = ENV_DB_READ_CONNECTIONS, default_value = "2", value_parser = parse_pool_size)]
     pub db_read_connections: usize,
 
     /// How long a request waits for a PostgreSQL connection before failing with UNAVAILABLE.
@@ -202,7 +242,7 @@ pub struct CommonArgs {
     pub db_timeout: Duration,
 
     /// First retry delay of a failed Ory write; it doubles per attempt up to IDMAP_OUTBOX_RETRY_MAX.
-    #[arg(long, env = "IDMAP_OUTBOX_RETRY_MIN", value_name = "IDMAP_OUTBOX_RETRY_MIN", default_value = "1s", value_parser = parse_positive_duration)]
+    #[arg(long, env = ENV_OUTBOX_RETRY_MIN, value_name = ENV_OUTBOX_RETRY_MIN, default_value = "1s", value_parser = parse_positive_duration)]
     pub outbox_retry_min: Duration,
 
     /// Longest retry delay of a failed Ory write.
@@ -265,7 +305,7 @@ pub struct CommonArgs {
 
     /// Header whose whole value must be IDMAP_WEBHOOK_SECRET (Ory `api_key` auth `name`). Basic
     /// auth with the secret as password is accepted as well.
-    #[arg(long, env = ENV_WEBHOOK_HEADER, value_name = ENV_WEBHOOK_HEADER, default_value = crate::hooks::DEFAULT_HEADER, value_parser = parse_header_name)]
+    #[arg(long, env = ENV_WEBHOOK_HEADER, value_name = ENV_WEBHOOK_HEADER, default_value = DEFAULT_HEADER, value_parser = parse_header_name)]
     pub webhook_header: HeaderName,
 
     /// How long a user id minted by the pre-persist registration hook waits for its identity to be
@@ -297,17 +337,18 @@ impl Config {
         ory_public_url: Url,
         ory_admin_url: Option<Url>,
         common: CommonArgs,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ConfigError> {
         if common.outbox_retry_min > common.outbox_retry_max {
-            return Err(
-                "IDMAP_OUTBOX_RETRY_MIN must not be greater than IDMAP_OUTBOX_RETRY_MAX".into(),
-            );
+            return Err(ConfigError::Conflict {
+                setting: ENV_OUTBOX_RETRY_MIN,
+                requirement: "must not be greater than IDMAP_OUTBOX_RETRY_MAX",
+            });
         }
         if common.db_read_connections >= common.db_pool_size {
-            return Err(
-                "IDMAP_DB_READ_CONNECTIONS must be smaller than IDMAP_DB_POOL_SIZE (the rest serve writes and batches)"
-                    .into(),
-            );
+            return Err(ConfigError::Conflict {
+                setting: ENV_DB_READ_CONNECTIONS,
+                requirement: "must be smaller than IDMAP_DB_POOL_SIZE (the rest serve writes and batches)",
+            });
         }
         let admin_url = ory_admin_url.unwrap_or_else(|| ory_public_url.clone());
         Ok(Self {
@@ -355,7 +396,7 @@ impl Config {
         })
     }
 
-    pub fn from_serve_args(args: ServeArgs) -> Result<Self, String> {
+    pub fn from_serve_args(args: ServeArgs) -> Result<Self, ConfigError> {
         Self::new(
             args.database.database_url,
             args.ory_public_url,
@@ -383,7 +424,10 @@ mod tests {
 
     #[test]
     fn durations_and_names_are_checked() {
-        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(
+            parse_duration("1500ms").unwrap(),
+            Duration::from_millis(1500)
+        );
         assert!(parse_positive_duration("0s").is_err());
         assert!(parse_duration("soon").is_err());
         assert!(parse_cookie_name("ory_kratos_session").is_ok());
@@ -415,7 +459,11 @@ mod tests {
         let Err(err) = config(&["--db-pool-size=2", "--db-read-connections=2"]) else {
             panic!("as many shared connections as the pool holds was accepted");
         };
-        assert!(err.contains("IDMAP_DB_READ_CONNECTIONS"), "{err}");
+        assert_eq!(err.setting(), "IDMAP_DB_READ_CONNECTIONS");
+        assert!(
+            err.to_string().contains("IDMAP_DB_READ_CONNECTIONS"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -13,41 +13,13 @@ use bytes::Bytes;
 use moka::Expiry;
 use moka::future::Cache;
 
+pub mod invalidation;
+
+use crate::config::CacheSettings;
 use crate::domain::{IdentityId, SessionWithIdentity, User};
 
 /// A SHA-256 of a credential (`Credential::fingerprint`).
 pub type SessionKey = [u8; 32];
-
-/// Cache sizes and lifetimes.
-#[derive(Debug, Clone)]
-pub struct CacheSettings {
-    /// Longest a validated session is served from memory (also bounded by its `expires_at` and
-    /// Ory's `Ory-Session-Cache-For`). Zero turns the session cache off.
-    pub session_ttl: Duration,
-    /// Most sessions cached.
-    pub session_max_entries: u64,
-    /// How long Ory's "no such session" (401) is remembered.
-    pub negative_ttl: Duration,
-    /// On Ory 429/5xx/timeouts, serve a session this long past its TTL (never past `expires_at`).
-    pub stale_if_error: Option<Duration>,
-    /// Longest a user is served from memory; writes evict it earlier on every replica.
-    pub user_ttl: Duration,
-    /// Most users cached (per index).
-    pub user_max_entries: u64,
-}
-
-impl Default for CacheSettings {
-    fn default() -> Self {
-        Self {
-            session_ttl: Duration::from_secs(60),
-            session_max_entries: 100_000,
-            negative_ttl: Duration::from_secs(5),
-            stale_if_error: None,
-            user_ttl: Duration::from_secs(300),
-            user_max_entries: 100_000,
-        }
-    }
-}
 
 /// What the cache remembers about a credential.
 #[derive(Debug, Clone)]

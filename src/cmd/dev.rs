@@ -60,10 +60,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let seed = emulator.seed_demo();
     let ory_url = url::Url::parse(&emulator.url()).context("the emulator's URL")?;
 
-    let config =
-        Config::new(database_url, ory_url, None, args.common).map_err(crate::cli::ConfigError)?;
+    let config = Config::new(database_url, ory_url, None, args.common)?;
     let app = crate::App::build(config).await?;
-    let (grpc, http) = crate::cli::bind(app.config()).await?;
+    let (grpc, http) = crate::app::bind(app.config()).await?;
     let grpc_addr = grpc.local_addr()?;
     print_banner(&emulator, grpc_addr, &seed);
 

@@ -7,32 +7,11 @@
 //! names, so an identity that turns up after its reservation was swept still gets that id. Each
 //! replica sweeps; the delete skips rows another replica or a claim holds.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::PendingSettings;
 use crate::store::{Store, StoreError};
-
-/// How long pending users wait, and how often the sweep looks.
-#[derive(Debug, Clone)]
-pub struct PendingSettings {
-    /// Age at which an unclaimed pending user is removed.
-    pub ttl: Duration,
-    /// Time between sweeps.
-    pub sweep_interval: Duration,
-}
-
-impl PendingSettings {
-    /// Sweeps a few times per TTL, but at least once a minute and at most once a second: the delete
-    /// is an index range scan, cheap even when there is nothing to do.
-    pub fn with_ttl(ttl: Duration) -> Self {
-        Self {
-            ttl,
-            sweep_interval: (ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(60)),
-        }
-    }
-}
 
 pub struct PendingSweeper {
     store: Store,

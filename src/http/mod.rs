@@ -9,6 +9,8 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub mod hooks;
+
 use crate::store::Store;
 
 #[derive(Clone)]

@@ -1,22 +1,18 @@
 //! Cache evictions across replicas. Replicas share one PostgreSQL and hear each other through
 //! LISTEN/NOTIFY on one channel: no new infrastructure. An eviction is applied locally at once and
-//! announced; every replica keeps one dedicated listening connection, reconnects when it drops,
-//! and clears its caches after a reconnect, since it may have missed announcements meanwhile.
+//! announced; every replica keeps one dedicated listening connection (`worker::listener`),
+//! reconnects when it drops, and clears its caches after a reconnect, since it may have missed
+//! announcements meanwhile.
 //!
 //! Payloads name what to evict (a session-key hash, a session id, an identity id), never a secret.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures_util::StreamExt;
-use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch};
-use tokio_postgres::AsyncMessage;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::cache::{Caches, SessionKey};
+use super::{Caches, SessionKey};
 use crate::domain::IdentityId;
 use crate::store::{Store, StoreError};
 
@@ -131,96 +127,15 @@ impl Invalidator {
         self.counts.heard.subscribe()
     }
 
-    /// Listens for other replicas' evictions until `shutdown`. `listening` turns true once the first
-    /// LISTEN is in place, so a server can wait for it before it serves.
-    pub async fn listen(
-        self,
-        database_url: SecretString,
-        listening: watch::Sender<bool>,
-        shutdown: CancellationToken,
-    ) {
-        let mut failures: u32 = 0;
-        let mut connected_before = false;
-        loop {
-            let session = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = self.listen_once(&database_url, &listening, &shutdown, &mut connected_before) => r,
-            };
-            match session {
-                Ok(()) => return,
-                Err(e) => {
-                    failures = failures.saturating_add(1);
-                    let delay = Duration::from_millis(100)
-                        .saturating_mul(1 << failures.min(6))
-                        .min(Duration::from_secs(5));
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "invalidation listener lost its connection");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                }
-            }
-        }
+    /// Forgets every cached entry: after the listening connection was lost, announcements made
+    /// meanwhile are lost too, and anything cached may have been evicted elsewhere.
+    pub fn missed_announcements(&self) {
+        self.caches.clear();
     }
 
-    /// One connection's life: returns Ok on shutdown, Err when the connection fails.
-    async fn listen_once(
-        &self,
-        database_url: &SecretString,
-        listening: &watch::Sender<bool>,
-        shutdown: &CancellationToken,
-        connected_before: &mut bool,
-    ) -> anyhow::Result<()> {
-        let (client, mut connection) =
-            tokio_postgres::connect(database_url.expose_secret(), tokio_postgres::NoTls).await?;
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        // The connection must be polled for the client's queries to progress; it also yields the
-        // notifications.
-        let pump = tokio::spawn(async move {
-            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(message) = messages.next().await {
-                match message {
-                    Ok(AsyncMessage::Notification(n)) => {
-                        if tx.send(n.payload().to_owned()).is_err() {
-                            break;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(())
-        });
-        client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
-        if *connected_before {
-            // Announcements made while we were away are lost; forget everything rather than serve
-            // what may have been evicted.
-            self.caches.clear();
-            tracing::info!("invalidation listener reconnected; caches cleared");
-        }
-        *connected_before = true;
-        listening.send_replace(true);
-
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => {
-                    pump.abort();
-                    return Ok(());
-                }
-                payload = rx.recv() => match payload {
-                    Some(payload) => self.receive(&payload).await,
-                    None => break,
-                }
-            }
-        }
-        drop(client);
-        match pump.await {
-            Ok(Err(e)) => Err(e.into()),
-            _ => anyhow::bail!("the database closed the listening connection"),
-        }
-    }
-
-    async fn receive(&self, raw: &str) {
+    /// Applies one notification heard on [`CHANNEL`]; this replica's own are skipped, as they were
+    /// applied when announced.
+    pub async fn receive(&self, raw: &str) {
         match serde_json::from_str::<Payload>(raw) {
             Ok(payload) if payload.origin == self.origin => return,
             Ok(payload) => match Eviction::from_payload(&payload) {

@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::IdentityMapper;
+use super::Jobs;
 use super::walk::{PageRead, RetryPolicy, Stopped, WalkAgain, describe, is_outage, with_retry};
 use crate::domain::{Identity, IdentityId, User, UserId, UserState};
 use crate::error::Error;
@@ -188,7 +188,7 @@ impl ReconcileReport {
     }
 }
 
-impl IdentityMapper {
+impl Jobs {
     /// Compares every identity with its user and every user with its identity; reports each
     /// drift to `observer` and, with `fix`, repairs it. `Err` only when it cannot start.
     pub async fn reconcile(

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::IdentityMapper;
+use super::Jobs;
 use super::walk::{PageRead, RetryPolicy, Stopped, WalkAgain, describe, is_outage};
 use crate::domain::{Identity, IdentityId, LinkRequest, User, UserId, UserState};
 use crate::error::Error;
@@ -128,7 +128,7 @@ fn count(step: &Step) -> BackfillCounts {
     counts
 }
 
-impl IdentityMapper {
+impl Jobs {
     /// Walks every Ory identity and links the ones without a user. Per-identity failures are
     /// counted and logged; an outage that outlasts the retries, or `cancel`, stops the walk with the
     /// cursor at the first unfinished page. `Err` only when the run cannot start.
@@ -332,7 +332,9 @@ impl IdentityMapper {
                     user_id: None,
                     external_id: None,
                 };
-                self.link_seen_identity_in_run(request, identity, run).await
+                self.mapper
+                    .link_seen_identity_in_run(request, identity, run)
+                    .await
             }
         };
         match result {
@@ -359,7 +361,7 @@ impl IdentityMapper {
     pub(crate) async fn record_state(&self, user: UserId, state: UserState) -> Result<(), Error> {
         if let Some((user, true)) = self.store.set_user_state(user, state).await? {
             tracing::info!(user = %user.id, identity = %user.ory_identity_id, state = %state, "user state recorded");
-            self.user_written(&user).await;
+            self.mapper.user_written(&user).await;
         }
         Ok(())
     }

@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ENV_ORY_ADMIN_URL, ENV_ORY_API_KEY};
+use crate::config::{ENV_ORY_ADMIN_URL, ENV_ORY_API_KEY, OutboxSettings};
 use crate::ory::{KratosClient, MetadataWrite, OryError};
 use crate::store::{OutboxKind, OutboxRow, Store, StoreError};
 
@@ -25,55 +25,6 @@ use crate::store::{OutboxKind, OutboxRow, Store, StoreError};
 /// contract) before it is parked: such an answer rarely changes, but a proxy's hiccup can look like
 /// one, so it is not believed the first time.
 pub const MAX_REJECTED_ATTEMPTS: i32 = 3;
-
-/// Ory calls one delivery makes: read the identity, then patch it.
-const CALLS_PER_ROW: u32 = 2;
-
-/// Time allowed per row for the store updates around its Ory calls.
-const STORE_ALLOWANCE: Duration = Duration::from_secs(5);
-
-/// Timing of the worker.
-#[derive(Debug, Clone)]
-pub struct OutboxSettings {
-    /// Rows claimed per round.
-    pub batch_size: i64,
-    /// How long a claimed row stays invisible to other workers. At least twice `row_budget`, so a
-    /// claim always has room for a delivery.
-    pub lease: Duration,
-    /// The longest one row's delivery may take: its Ory calls, each waiting for its turn under the
-    /// admin rate limit and then for Ory, both bounded by IDMAP_ORY_TIMEOUT. A delivery that takes
-    /// longer is abandoned and retried.
-    pub row_budget: Duration,
-    /// First retry delay; doubles per attempt.
-    pub retry_min: Duration,
-    /// Longest retry delay.
-    pub retry_max: Duration,
-    /// Longest sleep between looks at the table (rows queued by other replicas are seen this late).
-    pub poll_interval: Duration,
-}
-
-impl OutboxSettings {
-    /// Sizes the row budget (and, if needed, the lease) for Ory calls bounded by `ory_timeout`.
-    pub fn for_ory_timeout(mut self, ory_timeout: Duration) -> Self {
-        // Each call may wait up to the timeout for a rate-limit token, then take up to the timeout.
-        self.row_budget = ory_timeout.saturating_mul(2 * CALLS_PER_ROW) + STORE_ALLOWANCE;
-        self.lease = self.lease.max(self.row_budget.saturating_mul(2));
-        self
-    }
-}
-
-impl Default for OutboxSettings {
-    fn default() -> Self {
-        Self {
-            batch_size: 32,
-            lease: Duration::from_secs(60),
-            row_budget: Duration::from_secs(25),
-            retry_min: Duration::from_secs(1),
-            retry_max: Duration::from_secs(300),
-            poll_interval: Duration::from_secs(1),
-        }
-    }
-}
 
 pub struct OutboxWorker {
     store: Store,

@@ -1,5 +1,5 @@
 //! The `idmap backfill` and `idmap reconcile` commands: their flags, the progress bar, the summary
-//! and the exit code. The work itself is in `service/backfill.rs` and `service/reconcile.rs`.
+//! and the exit code. The work itself is in `jobs/`.
 
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ServeArgs};
 use crate::error::Error;
-use crate::service::{
+use crate::jobs::{
     BackfillOptions, BackfillReport, DEFAULT_PAGE_SIZE, Drift, MAX_PAGE_SIZE, ReconcileObserver,
     ReconcileOptions, ReconcileReport, Stopped,
 };
@@ -89,7 +89,7 @@ fn cancel_on_signal() -> CancellationToken {
 }
 
 async fn build(serve: ServeArgs) -> anyhow::Result<crate::App> {
-    let config = Config::from_serve_args(serve).map_err(crate::cli::ConfigError)?;
+    let config = Config::from_serve_args(serve)?;
     crate::App::build(config).await
 }
 
@@ -110,7 +110,7 @@ pub async fn backfill(args: BackfillArgs) -> anyhow::Result<()> {
         ));
     };
     let report = app
-        .mapper()
+        .jobs()
         .backfill(&options, &on_page, &cancel_on_signal())
         .await
         .map_err(|e| anyhow::anyhow!("backfill could not start: {}", describe(&e)))?;
@@ -215,7 +215,7 @@ pub async fn reconcile(args: ReconcileArgs) -> anyhow::Result<()> {
     };
     let bar = progress();
     let report = app
-        .mapper()
+        .jobs()
         .reconcile(&options, &Printer { bar: &bar }, &cancel_on_signal())
         .await
         .map_err(|e| anyhow::anyhow!("reconcile could not start: {}", describe(&e)))?;
@@ -288,5 +288,5 @@ fn reconcile_outcome(report: &ReconcileReport) -> anyhow::Result<()> {
 }
 
 fn describe(error: &Error) -> String {
-    crate::service::describe_error(error)
+    crate::jobs::describe_error(error)
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::IdentityMapper;
+use super::Jobs;
 use crate::error::Error;
 use crate::ory::{IdentityPage, OryError};
 
@@ -151,7 +151,7 @@ impl WalkAgain {
     }
 }
 
-impl IdentityMapper {
+impl Jobs {
     /// One page of identities, retried per `policy`.
     pub(crate) async fn identity_page(
         &self,

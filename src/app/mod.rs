@@ -1,0 +1,154 @@
+//! Builds the service from a [`Config`] and serves it until told to stop: `server` builds the gRPC
+//! side (the business service, health, reflection), `tasks` runs the background work beside it
+//! (invalidation listener, outbox worker, pending-user sweep, HTTP listener) and stops it in time.
+
+mod server;
+mod tasks;
+
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::cache::Caches;
+use crate::config::{Config, ENV_DATABASE_URL, ENV_GRPC_ADDR, ENV_HTTP_ADDR};
+use crate::jobs::Jobs;
+use crate::ory::KratosClient;
+use crate::service::IdentityMapper;
+use crate::store::{Store, migrate};
+use server::GrpcServer;
+use tasks::Background;
+
+pub use server::SERVICE_NAME;
+
+/// Everything the server needs, built once.
+pub struct App {
+    config: Config,
+    store: Store,
+    ory: KratosClient,
+    mapper: Arc<IdentityMapper>,
+    outbox_wakeup: Arc<Notify>,
+}
+
+impl App {
+    /// Builds the clients and checks the database: reachable, and migrated to this binary's schema.
+    /// Binds nothing, so a failure here leaves no port behind.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let store = Store::new(&config.database_url, &config.pool)
+            .with_context(|| format!("{ENV_DATABASE_URL} is not usable"))?;
+        store
+            .ping()
+            .await
+            .with_context(|| format!("cannot reach the database at {ENV_DATABASE_URL}"))?;
+        let pending = migrate::pending(&config.database_url).await?;
+        if !pending.is_empty() {
+            anyhow::bail!(
+                "the database schema is behind this binary ({} pending migration(s): {}); run `idmap migrate` first",
+                pending.len(),
+                pending.join(", ")
+            );
+        }
+        let ory = KratosClient::new(config.ory.clone()).context("cannot build the Ory client")?;
+        let outbox_wakeup = Arc::new(Notify::new());
+        let caches = Arc::new(Caches::new(config.cache.clone()));
+        let mapper = Arc::new(IdentityMapper::new(
+            store.clone(),
+            ory.clone(),
+            config.service.clone(),
+            caches,
+            outbox_wakeup.clone(),
+        ));
+        Ok(Self {
+            config,
+            store,
+            ory,
+            mapper,
+            outbox_wakeup,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The use cases, for commands that run them without serving (backfill, reconcile).
+    pub fn mapper(&self) -> &Arc<IdentityMapper> {
+        &self.mapper
+    }
+
+    /// The backfill and reconcile walks, over this app's store, Ory client and link path.
+    pub fn jobs(&self) -> Jobs {
+        Jobs::new(
+            self.mapper.clone(),
+            self.store.clone(),
+            self.ory.clone(),
+            self.outbox_wakeup.clone(),
+        )
+    }
+
+    /// Serves gRPC on `grpc` and HTTP on `http`, and runs the background work, until `shutdown`
+    /// resolves. Then health turns NOT_SERVING, new connections are refused, in-flight calls get up
+    /// to the grace period to finish, and the outbox worker stops at once, giving back the rows it
+    /// holds. Everything, background tasks included, is done within the grace period.
+    pub async fn serve(
+        self,
+        grpc: TcpListener,
+        http: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let grace = self.config.shutdown_grace;
+        let server = GrpcServer::build(self.mapper.clone()).await?;
+        let background = Background::start(&self, http).await?;
+        tracing::info!(grpc = ?grpc.local_addr().ok(), "serving");
+
+        let drain_started = Arc::new(OnceLock::new());
+        let signal = {
+            let drain_started = drain_started.clone();
+            let health = server.health.clone();
+            let draining = background.draining.clone();
+            let stop_worker = background.stop_worker.clone();
+            async move {
+                shutdown.await;
+                drain_started.get_or_init(Instant::now);
+                // The worker stops when draining starts rather than after: a delivery may wait on
+                // a slow Ory for longer than the grace period, and the rows it gives back are
+                // delivered by another replica or the next start.
+                stop_worker.cancel();
+                tracing::info!("shutting down: health NOT_SERVING, draining in-flight calls");
+                server::not_serving(&health).await;
+                draining.cancel();
+            }
+        };
+        let draining = background.draining.clone();
+        let serving = server.serve(grpc, signal);
+        let mut serving = std::pin::pin!(serving);
+        let result = tokio::select! {
+            r = &mut serving => r,
+            // The grace period starts when draining does; past it, in-flight calls are abandoned.
+            _ = async { draining.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(grace = ?grace, "in-flight calls did not finish within the grace period");
+                Ok(())
+            }
+        };
+
+        // Whatever is left shares what remains of the grace period.
+        let deadline = drain_started.get().copied().unwrap_or_else(Instant::now) + grace;
+        background.stop_by(deadline).await;
+        tracing::info!("stopped");
+        result
+    }
+}
+
+/// Binds both listeners, naming the setting when an address is unusable.
+pub async fn bind(config: &Config) -> anyhow::Result<(TcpListener, TcpListener)> {
+    let grpc = TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("cannot listen on {ENV_GRPC_ADDR} {}", config.grpc_addr))?;
+    let http = TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {ENV_HTTP_ADDR} {}", config.http_addr))?;
+    Ok((grpc, http))
+}

@@ -1,0 +1,71 @@
+//! The gRPC server: the business service, health and reflection on one port.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tonic::transport::server::Router;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::grpc::IdentityApi;
+use crate::proto::{self, api::identity_service_server::IdentityServiceServer};
+use crate::service::IdentityMapper;
+
+/// The name health checks use for the business service.
+pub const SERVICE_NAME: &str = "idmap.v1.IdentityService";
+
+/// The gRPC services, ready to serve, and the health they report.
+pub(super) struct GrpcServer {
+    router: Router,
+    pub health: HealthReporter,
+}
+
+impl GrpcServer {
+    /// Health (SERVING, overall and for [`SERVICE_NAME`]), both reflection versions, and the
+    /// identity service.
+    pub async fn build(mapper: Arc<IdentityMapper>) -> anyhow::Result<Self> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        set_status(&health, ServingStatus::Serving).await;
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
+            .build_v1()
+            .context("building the reflection service")?;
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .context("building the reflection service")?;
+        let router = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(IdentityServiceServer::new(IdentityApi::new(mapper)));
+        Ok(Self { router, health })
+    }
+
+    /// Serves connections accepted on `listener` until `signal` resolves and in-flight calls end.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        signal: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        self.router
+            .serve_with_incoming_shutdown(crate::grpc::incoming(listener), signal)
+            .await
+            .map_err(anyhow::Error::from)
+    }
+}
+
+/// Turns health NOT_SERVING, overall and for [`SERVICE_NAME`], so balancers stop sending calls.
+pub(super) async fn not_serving(health: &HealthReporter) {
+    set_status(health, ServingStatus::NotServing).await;
+}
+
+async fn set_status(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status(SERVICE_NAME, status).await;
+    health.set_service_status("", status).await;
+}

@@ -1,0 +1,21 @@
+//! `idmap serve` and `idmap migrate`.
+
+use crate::config::{Config, DatabaseArgs, ServeArgs};
+use crate::store::migrate;
+
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Config::from_serve_args(args)?;
+    let app = crate::App::build(config).await?;
+    let (grpc, http) = crate::app::bind(app.config()).await?;
+    app.serve(grpc, http, crate::shutdown::signal()).await
+}
+
+pub async fn migrate(args: DatabaseArgs) -> anyhow::Result<()> {
+    let applied = migrate::run_pending(&args.database_url).await?;
+    if applied.is_empty() {
+        tracing::info!("the database is up to date");
+    } else {
+        tracing::info!(applied = ?applied, "migrations applied");
+    }
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! The settings each part of the service runs with, as [`super::Config`] hands them out. They live
+//! here rather than beside the code that reads them so that `config` imports nothing of the
+//! modules it configures: every module may import `config`, and `config` none of them.
+
+use std::fmt;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use axum::http::HeaderName;
+use secrecy::SecretString;
+use url::Url;
+
+/// Cache sizes and lifetimes.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    /// Longest a validated session is served from memory (also bounded by its `expires_at` and
+    /// Ory's `Ory-Session-Cache-For`). Zero turns the session cache off.
+    pub session_ttl: Duration,
+    /// Most sessions cached.
+    pub session_max_entries: u64,
+    /// How long Ory's "no such session" (401) is remembered.
+    pub negative_ttl: Duration,
+    /// On Ory 429/5xx/timeouts, serve a session this long past its TTL (never past `expires_at`).
+    pub stale_if_error: Option<Duration>,
+    /// Longest a user is served from memory; writes evict it earlier on every replica.
+    pub user_ttl: Duration,
+    /// Most users cached (per index).
+    pub user_max_entries: u64,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            session_ttl: Duration::from_secs(60),
+            session_max_entries: 100_000,
+            negative_ttl: Duration::from_secs(5),
+            stale_if_error: None,
+            user_ttl: Duration::from_secs(300),
+            user_max_entries: 100_000,
+        }
+    }
+}
+
+/// Where Ory is and how to reach it.
+#[derive(Clone)]
+pub struct OryConfig {
+    /// Base URL of the public API (`/sessions/whoami`).
+    pub public_url: Url,
+    /// Base URL of the admin API (`/admin/identities`).
+    pub admin_url: Url,
+    /// Bearer token for the admin API (Ory Network project API key).
+    pub api_key: Option<SecretString>,
+    /// Upper bound on one Ory call, connect to last byte.
+    pub timeout: Duration,
+    /// Most whoami calls per second (`None`: unlimited).
+    pub whoami_rps: Option<NonZeroU32>,
+    /// Most admin API calls per second (`None`: unlimited).
+    pub admin_rps: Option<NonZeroU32>,
+}
+
+/// The header Ory's `api_key` auth sends the secret in unless configured otherwise.
+pub const DEFAULT_HEADER: &str = "Authorization";
+
+/// How webhook requests authenticate.
+#[derive(Clone)]
+pub struct HookSettings {
+    /// The shared secret; `None` disables the endpoints (every request is refused).
+    pub secret: Option<SecretString>,
+    /// The header that carries the secret as its whole value (Ory `api_key` auth, `in: header`).
+    pub header: HeaderName,
+}
+
+impl fmt::Debug for HookSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HookSettings")
+            .field("secret", &self.secret.as_ref().map(|_| "[REDACTED]"))
+            .field("header", &self.header)
+            .finish()
+    }
+}
+
+/// Timing of the worker.
+#[derive(Debug, Clone)]
+pub struct OutboxSettings {
+    /// Rows claimed per round.
+    pub batch_size: i64,
+    /// How long a claimed row stays invisible to other workers. At least twice `row_budget`, so a
+    /// claim always has room for a delivery.
+    pub lease: Duration,
+    /// The longest one row's delivery may take: its Ory calls, each waiting for its turn under the
+    /// admin rate limit and then for Ory, both bounded by IDMAP_ORY_TIMEOUT. A delivery that takes
+    /// longer is abandoned and retried.
+    pub row_budget: Duration,
+    /// First retry delay; doubles per attempt.
+    pub retry_min: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// Longest sleep between looks at the table (rows queued by other replicas are seen this late).
+    pub poll_interval: Duration,
+}
+
+impl OutboxSettings {
+    /// Sizes the row budget (and, if needed, the lease) for Ory calls bounded by `ory_timeout`.
+    pub fn for_ory_timeout(mut self, ory_timeout: Duration) -> Self {
+        // Each call may wait up to the timeout for a rate-limit token, then take up to the timeout.
+        self.row_budget = ory_timeout.saturating_mul(2 * CALLS_PER_ROW) + STORE_ALLOWANCE;
+        self.lease = self.lease.max(self.row_budget.saturating_mul(2));
+        self
+    }
+}
+
+impl Default for OutboxSettings {
+    fn default() -> Self {
+        Self {
+            batch_size: 32,
+            lease: Duration::from_secs(60),
+            row_budget: Duration::from_secs(25),
+            retry_min: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// How long pending users wait, and how often the sweep looks.
+#[derive(Debug, Clone)]
+pub struct PendingSettings {
+    /// Age at which an unclaimed pending user is removed.
+    pub ttl: Duration,
+    /// Time between sweeps.
+    pub sweep_interval: Duration,
+}
+
+impl PendingSettings {
+    /// Sweeps a few times per TTL, but at least once a minute and at most once a second: the delete
+    /// is an index range scan, cheap even when there is nothing to do.
+    pub fn with_ttl(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            sweep_interval: (ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(60)),
+        }
+    }
+}
+
+/// Behaviour switches for the use cases.
+#[derive(Debug, Clone)]
+pub struct ServiceSettings {
+    /// Link a user just in time when ResolveSession sees an identity without one.
+    pub auto_link: bool,
+    /// An extra session cookie name to accept (Kratos's `session.cookie.name`).
+    pub session_cookie_name: Option<String>,
+}
+
+/// Pool sizing and timeouts.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    /// Most connections open at once.
+    pub max_size: usize,
+    /// How long a request waits for a free connection before the store reports itself unavailable.
+    pub wait_timeout: Duration,
+    /// Server-side bound on any one statement.
+    pub statement_timeout: Duration,
+    /// Connections (out of `max_size`) that single-user lookups share, pipelined (see `store::Readers`).
+    pub read_connections: usize,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self {
+            max_size: 16,
+            wait_timeout: Duration::from_secs(3),
+            statement_timeout: Duration::from_secs(5),
+            read_connections: 2,
+        }
+    }
+}
+
+/// Ory calls one delivery makes: read the identity, then patch it.
+const CALLS_PER_ROW: u32 = 2;
+
+/// Time allowed per row for the store updates around its Ory calls.
+const STORE_ALLOWANCE: Duration = Duration::from_secs(5);

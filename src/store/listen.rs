@@ -1,0 +1,78 @@
+//! A dedicated LISTEN connection. It is opened outside the pool: a pooled connection is shared and
+//! recycled, and a notification arrives only on the connection that listens.
+
+use futures_util::StreamExt;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_postgres::AsyncMessage;
+
+use super::StoreError;
+
+/// The payloads of the notifications heard on one channel, in commit order.
+pub struct Notifications {
+    payloads: mpsc::UnboundedReceiver<String>,
+    /// Polls the connection, which both moves the client's queries along and yields notifications.
+    pump: JoinHandle<Result<(), tokio_postgres::Error>>,
+    /// Dropped to close the connection.
+    client: Option<tokio_postgres::Client>,
+}
+
+/// Opens a connection to `database_url` and LISTENs on `channel` (an SQL identifier idmap chose,
+/// never caller input).
+pub async fn listen(
+    database_url: &SecretString,
+    channel: &str,
+) -> Result<Notifications, StoreError> {
+    let (client, mut connection) =
+        tokio_postgres::connect(database_url.expose_secret(), tokio_postgres::NoTls)
+            .await
+            .map_err(StoreError::from_postgres)?;
+    let (tx, payloads) = mpsc::unbounded_channel();
+    let pump = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(n)) => {
+                    if tx.send(n.payload().to_owned()).is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    });
+    client
+        .batch_execute(&format!("LISTEN {channel}"))
+        .await
+        .map_err(StoreError::from_postgres)?;
+    Ok(Notifications {
+        payloads,
+        pump,
+        client: Some(client),
+    })
+}
+
+impl Notifications {
+    /// The next payload; `None` once the connection has ended ([`Notifications::ended`] says why).
+    pub async fn next(&mut self) -> Option<String> {
+        self.payloads.recv().await
+    }
+
+    /// Why the connection ended.
+    pub async fn ended(mut self) -> StoreError {
+        self.client = None;
+        match (&mut self.pump).await {
+            Ok(Err(e)) => StoreError::from_postgres(e),
+            _ => StoreError::Unavailable("the database closed the listening connection".into()),
+        }
+    }
+}
+
+impl Drop for Notifications {
+    fn drop(&mut self) {
+        self.pump.abort();
+    }
+}
