@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ServeArgs};
 use crate::error::Error;
 use crate::jobs::{
-    BackfillOptions, BackfillReport, DEFAULT_PAGE_SIZE, Drift, MAX_PAGE_SIZE, ReconcileObserver,
-    ReconcileOptions, ReconcileReport, Stopped,
+    BackfillOptions, BackfillReport, DEFAULT_PAGE_SIZE, Drift, DriftKind, MAX_PAGE_SIZE,
+    ReconcileObserver, ReconcileOptions, ReconcileReport, Stopped,
 };
 use crate::store::BackfillCounts;
 
@@ -233,15 +233,8 @@ pub fn reconcile_summary(report: &ReconcileReport) -> String {
         "unlinked:           {} (identities without a user; see idmap backfill)\n",
         report.unlinked
     ));
-    for kind in [
-        "deleted",
-        "inactive",
-        "reactivated",
-        "metadata-missing",
-        "metadata-not-object",
-        "metadata-elsewhere",
-    ] {
-        let n = report.drifts.get(kind).copied().unwrap_or(0);
+    for kind in DriftKind::ALL {
+        let n = report.drifts_of(kind);
         // At least one space, even after the longest kind.
         out.push_str(&format!("{:<19} {n}\n", format!("{kind}:")));
     }

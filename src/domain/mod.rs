@@ -13,7 +13,7 @@ pub use credential::{
 };
 pub use ids::{ExternalId, IdentityId, MAX_EXTERNAL_ID_BYTES, UserId, parse_uuid};
 pub use session::{AuthenticationMethod, Identity, Session, SessionWithIdentity};
-pub use user::{LinkOutcome, LinkRequest, User, UserState};
+pub use user::{LinkConflict, LinkOutcome, LinkRequest, User, UserState};
 
 /// A field that failed validation: which one, and why, in words a caller can act on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -81,3 +81,16 @@ pub struct LinkOutcome {
     pub user: User,
     pub created: bool,
 }
+
+/// Why a link could not be stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkConflict {
+    /// The identity is already linked to this other user.
+    IdentityLinked { user_id: UserId },
+    /// The requested user is already linked to this other identity.
+    UserLinked { ory_identity_id: IdentityId },
+    /// Another user holds the external id.
+    ExternalIdTaken { user_id: Option<UserId> },
+    /// The identity's user already has this other external id.
+    ExternalIdAlreadySet { external_id: ExternalId },
+}

@@ -335,6 +335,7 @@ impl Jobs {
                 self.mapper
                     .link_seen_identity_in_run(request, identity, run)
                     .await
+                    .map_err(Error::from)
             }
         };
         match result {

@@ -7,7 +7,7 @@ mod reconcile;
 mod walk;
 
 pub use backfill::{BackfillObserver, BackfillOptions, BackfillReport, DEFAULT_PAGE_SIZE};
-pub use reconcile::{Drift, ReconcileObserver, ReconcileOptions, ReconcileReport};
+pub use reconcile::{Drift, DriftKind, ReconcileObserver, ReconcileOptions, ReconcileReport};
 pub use walk::{MAX_PAGE_SIZE, RetryPolicy, Stopped, describe as describe_error};
 
 use std::sync::Arc;

@@ -76,19 +76,59 @@ pub enum Drift {
     },
 }
 
-impl Drift {
-    /// A stable one-word name, for counting and for the start of the report line.
-    pub fn kind(&self) -> &'static str {
+/// The kinds of drift, in the order the summary lists them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DriftKind {
+    Deleted,
+    Inactive,
+    Reactivated,
+    MetadataMissing,
+    MetadataNotObject,
+    MetadataElsewhere,
+}
+
+impl DriftKind {
+    /// Every kind, in the summary's order.
+    pub const ALL: [Self; 6] = [
+        Self::Deleted,
+        Self::Inactive,
+        Self::Reactivated,
+        Self::MetadataMissing,
+        Self::MetadataNotObject,
+        Self::MetadataElsewhere,
+    ];
+
+    /// The stable name the report lines and the summary use (README "Backfill and reconciliation").
+    pub fn name(self) -> &'static str {
         match self {
-            Self::Deleted { .. } => "deleted",
+            Self::Deleted => "deleted",
+            Self::Inactive => "inactive",
+            Self::Reactivated => "reactivated",
+            Self::MetadataMissing => "metadata-missing",
+            Self::MetadataNotObject => "metadata-not-object",
+            Self::MetadataElsewhere => "metadata-elsewhere",
+        }
+    }
+}
+
+impl std::fmt::Display for DriftKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Drift {
+    pub fn kind(&self) -> DriftKind {
+        match self {
+            Self::Deleted { .. } => DriftKind::Deleted,
             Self::State {
                 actual: UserState::Active,
                 ..
-            } => "reactivated",
-            Self::State { .. } => "inactive",
-            Self::MetadataMissing { .. } => "metadata-missing",
-            Self::MetadataNotObject { .. } => "metadata-not-object",
-            Self::MetadataElsewhere { .. } => "metadata-elsewhere",
+            } => DriftKind::Reactivated,
+            Self::State { .. } => DriftKind::Inactive,
+            Self::MetadataMissing { .. } => DriftKind::MetadataMissing,
+            Self::MetadataNotObject { .. } => DriftKind::MetadataNotObject,
+            Self::MetadataElsewhere { .. } => DriftKind::MetadataElsewhere,
         }
     }
 
@@ -160,6 +200,13 @@ pub trait ReconcileObserver: Sync {
     fn scanned(&self, _identities: u64) {}
 }
 
+/// What a reconciliation was asked to do, and who hears about it.
+struct Walk<'a> {
+    options: &'a ReconcileOptions,
+    observer: &'a dyn ReconcileObserver,
+    cancel: &'a CancellationToken,
+}
+
 /// What a reconciliation found.
 #[derive(Debug, Clone, Default)]
 pub struct ReconcileReport {
@@ -170,7 +217,7 @@ pub struct ReconcileReport {
     /// Identities without a user (`idmap backfill` links them).
     pub unlinked: u64,
     /// Drifts found, by [`Drift::kind`].
-    pub drifts: HashMap<&'static str, u64>,
+    pub drifts: HashMap<DriftKind, u64>,
     /// Drifts repaired (`--fix`).
     pub fixed: u64,
     /// Drifts `--fix` cannot repair ([`Drift::fixable`]); they need an operator.
@@ -185,6 +232,11 @@ pub struct ReconcileReport {
 impl ReconcileReport {
     pub fn drift_total(&self) -> u64 {
         self.drifts.values().sum()
+    }
+
+    /// Drifts found of `kind`.
+    pub fn drifts_of(&self, kind: DriftKind) -> u64 {
+        self.drifts.get(&kind).copied().unwrap_or(0)
     }
 }
 
@@ -202,39 +254,51 @@ impl Jobs {
             ..ReconcileReport::default()
         };
         let mut seen: HashSet<IdentityId> = HashSet::new();
+        let walk = Walk {
+            options,
+            observer,
+            cancel,
+        };
+        let walked = match self.compare_identities(&walk, &mut report, &mut seen).await {
+            Ok(()) => self.compare_unseen_users(&walk, &mut report, &seen).await,
+            Err(stopped) => Err(stopped),
+        };
+        report.stopped = walked.err();
+        tracing::info!(?report, "reconciliation ended");
+        Ok(report)
+    }
+
+    /// Walks every identity Ory has and compares it with its user; `seen` gets every identity
+    /// compared.
+    async fn compare_identities(
+        &self,
+        walk: &Walk<'_>,
+        report: &mut ReconcileReport,
+        seen: &mut HashSet<IdentityId>,
+    ) -> Result<(), Stopped> {
         let mut cursor: Option<String> = None;
         let mut walk_again = WalkAgain::default();
         let mut unreadable: HashSet<String> = HashSet::new();
-
-        // 1. Every identity Ory has.
         loop {
-            if cancel.is_cancelled() {
-                report.stopped = Some(Stopped::Interrupted);
-                return Ok(report);
+            if walk.cancel.is_cancelled() {
+                return Err(Stopped::Interrupted);
             }
             let page = match self
-                .identity_page(options.page_size, cursor.as_deref(), &options.retry, cancel)
-                .await
+                .identity_page(
+                    walk.options.page_size,
+                    cursor.as_deref(),
+                    &walk.options.retry,
+                    walk.cancel,
+                )
+                .await?
             {
-                Ok(PageRead::Page(page)) => page,
+                PageRead::Page(page) => page,
                 // A page stalled for an hour, or the pagination secret changed: walk again from
                 // the first page, passing over what was compared already.
-                Ok(PageRead::TokenRefused(reason)) => {
-                    match walk_again.after_refusal(&reason, "skipping identities already compared")
-                    {
-                        Ok(()) => {
-                            cursor = None;
-                            continue;
-                        }
-                        Err(stopped) => {
-                            report.stopped = Some(stopped);
-                            return Ok(report);
-                        }
-                    }
-                }
-                Err(stopped) => {
-                    report.stopped = Some(stopped);
-                    return Ok(report);
+                PageRead::TokenRefused(reason) => {
+                    walk_again.after_refusal(&reason, "skipping identities already compared")?;
+                    cursor = None;
+                    continue;
                 }
             };
             for rejected in page.rejected {
@@ -250,109 +314,112 @@ impl Jobs {
                 .map(|i| i.id)
                 .filter(|id| !seen.contains(id))
                 .collect();
-            let users: HashMap<IdentityId, User> = match self.store.users_by_identities(&ids).await
-            {
-                Ok(users) => users.into_iter().map(|u| (u.ory_identity_id, u)).collect(),
-                Err(e) => {
-                    report.stopped = Some(Stopped::Failed(describe(&e.into())));
-                    return Ok(report);
-                }
-            };
+            let users: HashMap<IdentityId, User> = self
+                .store
+                .users_by_identities(&ids)
+                .await
+                .map_err(|e| Stopped::Failed(describe(&e.into())))?
+                .into_iter()
+                .map(|u| (u.ory_identity_id, u))
+                .collect();
             for identity in &page.identities {
                 if !seen.insert(identity.id) {
                     continue;
                 }
                 report.identities += 1;
                 match users.get(&identity.id) {
-                    Some(user) => {
-                        if let Err(e) = self
-                            .reconcile_pair(user, identity, options, observer, &mut report)
-                            .await
-                        {
-                            report.stopped = Some(Stopped::Failed(describe(&e)));
-                            return Ok(report);
-                        }
-                    }
+                    Some(user) => self
+                        .reconcile_pair(user, identity, walk.options, walk.observer, report)
+                        .await
+                        .map_err(|e| Stopped::Failed(describe(&e)))?,
                     None => report.unlinked += 1,
                 }
             }
-            observer.scanned(report.identities);
+            walk.observer.scanned(report.identities);
             match page.next_page_token {
                 Some(next) => cursor = Some(next),
-                None => break,
+                None => return Ok(()),
             }
         }
+    }
 
-        // 2. Every user whose identity the walk did not see. Users already recorded deleted are
-        // skipped: an identity coming back shows up in a later walk, which reactivates the user.
+    /// Checks every user whose identity the walk did not see. Users already recorded deleted are
+    /// skipped: an identity coming back shows up in a later walk, which reactivates the user.
+    async fn compare_unseen_users(
+        &self,
+        walk: &Walk<'_>,
+        report: &mut ReconcileReport,
+        seen: &HashSet<IdentityId>,
+    ) -> Result<(), Stopped> {
         let mut after = None;
         loop {
-            if cancel.is_cancelled() {
-                report.stopped = Some(Stopped::Interrupted);
-                return Ok(report);
+            if walk.cancel.is_cancelled() {
+                return Err(Stopped::Interrupted);
             }
-            let users = match self.store.users_after_identity(after, USER_PAGE).await {
-                Ok(users) => users,
-                Err(e) => {
-                    report.stopped = Some(Stopped::Failed(describe(&e.into())));
-                    return Ok(report);
-                }
+            let users = self
+                .store
+                .users_after_identity(after, USER_PAGE)
+                .await
+                .map_err(|e| Stopped::Failed(describe(&e.into())))?;
+            let Some(last) = users.last() else {
+                return Ok(());
             };
-            let Some(last) = users.last() else { break };
             after = Some(last.ory_identity_id);
             for user in users
                 .iter()
                 .filter(|u| u.state != UserState::Deleted && !seen.contains(&u.ory_identity_id))
             {
-                let identity = user.ory_identity_id;
-                let found = with_retry(
-                    &options.retry,
-                    cancel,
-                    "reading an Ory identity",
-                    || async {
-                        match self.ory.get_identity(identity).await {
-                            Ok(identity) => Ok(Some(identity)),
-                            Err(OryError::NotFound) => Ok(None),
-                            Err(e) => Err(e),
-                        }
-                    },
-                )
-                .await;
-                let outcome = match found {
-                    // Created (or linked) after the walk passed its place: compare it now.
-                    Ok(Some(identity)) => {
-                        self.reconcile_pair(user, &identity, options, observer, &mut report)
-                            .await
-                    }
-                    Ok(None) => {
-                        report.users += 1;
-                        let drift = Drift::Deleted {
-                            user: user.id,
-                            identity,
-                        };
-                        self.found(drift, options, observer, &mut report, || {
-                            self.record_state(user.id, UserState::Deleted)
-                        })
-                        .await
-                    }
-                    Err(Stopped::Interrupted) => {
-                        report.stopped = Some(Stopped::Interrupted);
-                        return Ok(report);
-                    }
-                    Err(Stopped::Failed(why)) => {
-                        tracing::warn!(user = %user.id, %identity, %why, "cannot check a user's identity");
-                        report.failed += 1;
-                        Ok(())
-                    }
-                };
-                if let Err(e) = outcome {
-                    report.stopped = Some(Stopped::Failed(describe(&e)));
-                    return Ok(report);
-                }
+                self.compare_unseen_user(walk, report, user).await?;
             }
         }
-        tracing::info!(?report, "reconciliation ended");
-        Ok(report)
+    }
+
+    /// Asks Ory for one user's identity, which the walk did not see, and compares the two.
+    async fn compare_unseen_user(
+        &self,
+        walk: &Walk<'_>,
+        report: &mut ReconcileReport,
+        user: &User,
+    ) -> Result<(), Stopped> {
+        let identity = user.ory_identity_id;
+        let found = with_retry(
+            &walk.options.retry,
+            walk.cancel,
+            "reading an Ory identity",
+            || async {
+                match self.ory.get_identity(identity).await {
+                    Ok(identity) => Ok(Some(identity)),
+                    Err(OryError::NotFound) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            },
+        )
+        .await;
+        let outcome = match found {
+            // Created (or linked) after the walk passed its place: compare it now.
+            Ok(Some(identity)) => {
+                self.reconcile_pair(user, &identity, walk.options, walk.observer, report)
+                    .await
+            }
+            Ok(None) => {
+                report.users += 1;
+                let drift = Drift::Deleted {
+                    user: user.id,
+                    identity,
+                };
+                self.found(drift, walk.options, walk.observer, report, || {
+                    self.record_state(user.id, UserState::Deleted)
+                })
+                .await
+            }
+            Err(Stopped::Interrupted) => return Err(Stopped::Interrupted),
+            Err(Stopped::Failed(why)) => {
+                tracing::warn!(user = %user.id, %identity, %why, "cannot check a user's identity");
+                report.failed += 1;
+                Ok(())
+            }
+        };
+        outcome.map_err(|e| Stopped::Failed(describe(&e)))
     }
 
     /// Compares a user with its identity. `Err` only on an outage (the run stops).

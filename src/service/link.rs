@@ -1,8 +1,32 @@
 use super::IdentityMapper;
-use crate::domain::{Identity, LinkOutcome, LinkRequest, UserId, UserState};
+use crate::domain::{Identity, LinkConflict, LinkOutcome, LinkRequest, UserId, UserState};
 use crate::error::{Error, reason};
 use crate::ory::OryError;
-use crate::store::{LinkConflict, LinkFacts, LinkResult};
+use crate::store::{LinkFacts, LinkResult};
+
+/// Why a link was not stored. A caller that can recover from a conflict (a link that lost a race
+/// to a concurrent one, say) matches the variant; everyone else turns it into an [`Error`].
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The request clashes with a link already stored.
+    #[error("{}", conflict_error(request, conflict))]
+    Conflict {
+        request: LinkRequest,
+        conflict: LinkConflict,
+    },
+    /// Ory or the database failed, or the request was refused for another reason.
+    #[error(transparent)]
+    Failed(#[from] Error),
+}
+
+impl From<LinkError> for Error {
+    fn from(e: LinkError) -> Self {
+        match e {
+            LinkError::Conflict { request, conflict } => conflict_error(&request, &conflict),
+            LinkError::Failed(e) => e,
+        }
+    }
+}
 
 impl IdentityMapper {
     /// LinkIdentity: checks that Ory knows the identity, then stores the link and queues the
@@ -21,7 +45,7 @@ impl IdentityMapper {
                 },
                 other => other.into(),
             })?;
-        self.link_seen_identity(request, &identity).await
+        Ok(self.link_seen_identity(request, &identity).await?)
     }
 
     /// Stores a link for an identity just read from Ory (or sent by a hook). Every creation path
@@ -31,7 +55,7 @@ impl IdentityMapper {
         &self,
         request: LinkRequest,
         identity: &Identity,
-    ) -> Result<LinkOutcome, Error> {
+    ) -> Result<LinkOutcome, LinkError> {
         self.link_seen_identity_in_run(request, identity, None)
             .await
     }
@@ -42,7 +66,7 @@ impl IdentityMapper {
         mut request: LinkRequest,
         identity: &Identity,
         run: Option<i64>,
-    ) -> Result<LinkOutcome, Error> {
+    ) -> Result<LinkOutcome, LinkError> {
         // An identity that already records a user id in `metadata_public.id` (written by idmap before,
         // say to a database since restored, or minted by a registration hook) keeps it: a new user
         // takes that id rather than overwriting the record in Ory with a fresh one.
@@ -60,14 +84,22 @@ impl IdentityMapper {
             backfill_run: run,
         };
         let ory_has = facts.ory_has;
-        let mut result = self.store.link(&request, &facts).await?;
+        let mut result = self
+            .store
+            .link(&request, &facts)
+            .await
+            .map_err(Error::from)?;
         if adopt && let LinkResult::Conflict(LinkConflict::UserLinked { .. }) = result {
             tracing::warn!(
                 identity = %identity.id,
                 "metadata_public.id names a user linked to another identity; minting a new user"
             );
             request.user_id = None;
-            result = self.store.link(&request, &facts).await?;
+            result = self
+                .store
+                .link(&request, &facts)
+                .await
+                .map_err(Error::from)?;
         }
         match result {
             LinkResult::Linked(outcome) => {
@@ -83,12 +115,12 @@ impl IdentityMapper {
                 );
                 Ok(outcome)
             }
-            LinkResult::Conflict(conflict) => Err(conflict_error(&request, conflict)),
+            LinkResult::Conflict(conflict) => Err(LinkError::Conflict { request, conflict }),
         }
     }
 }
 
-fn conflict_error(request: &LinkRequest, conflict: LinkConflict) -> Error {
+fn conflict_error(request: &LinkRequest, conflict: &LinkConflict) -> Error {
     let identity = request.ory_identity_id.to_string();
     match conflict {
         LinkConflict::IdentityLinked { user_id } => Error::AlreadyExists {

@@ -19,6 +19,7 @@ use crate::ory::KratosClient;
 use crate::store::Store;
 
 pub use invalidate::InvalidateTarget;
+pub use link::LinkError;
 pub use lookup::MAX_BATCH_IDS;
 pub use registration::Reservation;
 pub use resolve::Resolved;

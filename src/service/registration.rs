@@ -4,8 +4,9 @@
 //! is waiting on the answer inside the user's registration.
 
 use super::IdentityMapper;
-use crate::domain::{Identity, LinkOutcome, LinkRequest, User, UserId};
-use crate::error::{Error, reason};
+use super::LinkError;
+use crate::domain::{Identity, LinkConflict, LinkOutcome, LinkRequest, User, UserId};
+use crate::error::Error;
 
 /// The user id a pre-persist hook hands back to Ory for `metadata_public.id`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +65,10 @@ impl IdentityMapper {
             // The identity is linked to another user than its metadata_public.id names (drift that
             // reconciliation repairs). The registration itself succeeded and the identity has a
             // user, so failing the hook would only show the person an error for nothing.
-            Err(Error::AlreadyExists { reason: r, .. }) if r == reason::IDENTITY_ALREADY_LINKED => {
+            Err(LinkError::Conflict {
+                conflict: LinkConflict::IdentityLinked { .. },
+                ..
+            }) => {
                 let user = self
                     .store
                     .user_by_identity(identity.id)
@@ -86,7 +90,7 @@ impl IdentityMapper {
                     created: false,
                 })
             }
-            other => other,
+            other => Ok(other?),
         }
     }
 

@@ -2,9 +2,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::IdentityMapper;
+use super::LinkError;
 use crate::cache::{CachedSession, Rendering, SessionEntry, SessionKey, session_ttl};
-use crate::domain::{Credential, LinkRequest, SessionWithIdentity, User};
-use crate::error::{Error, reason};
+use crate::domain::{Credential, LinkConflict, LinkRequest, SessionWithIdentity, User};
+use crate::error::Error;
 use crate::ory::OryError;
 
 /// Longest a stale session is served before Ory is asked again, so a recovering Ory sees at most one
@@ -58,9 +59,10 @@ impl IdentityMapper {
                     // for the identity after the lookup above, e.g. one named by a newer
                     // `metadata_public.id` than this session's snapshot. That link stands; the
                     // caller asked who the session is, not to link it, so answer with that user.
-                    Err(Error::AlreadyExists { reason: r, .. })
-                        if r == reason::IDENTITY_ALREADY_LINKED =>
-                    {
+                    Err(LinkError::Conflict {
+                        conflict: LinkConflict::IdentityLinked { .. },
+                        ..
+                    }) => {
                         let linked = self.cached_user(whoami.identity.id).await?;
                         if linked.is_none() {
                             return Err(Error::Internal(
@@ -70,7 +72,7 @@ impl IdentityMapper {
                         }
                         linked
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(e.into()),
                 }
             }
             None => None,

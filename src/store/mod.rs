@@ -31,7 +31,7 @@ pub use crate::config::PoolOptions;
 pub use backfill_runs::{BackfillCounts, BackfillRun, RunProgress};
 pub use listen::{Notifications, listen};
 pub use ory_outbox::{OutboxKind, OutboxRow};
-pub use users::{LinkConflict, LinkFacts, LinkResult};
+pub use users::{LinkFacts, LinkResult};
 
 /// Errors from the store. Cheap to clone, so one failed load can answer every caller waiting on it.
 #[derive(Debug, Clone, thiserror::Error)]

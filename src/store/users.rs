@@ -5,26 +5,15 @@ use super::models::{NewExternalIdRow, NewUserRow, UserRow};
 use super::ory_outbox::{self as outbox, OutboxKind};
 use super::schema::{pending_users, user_external_ids, users};
 use super::{Store, StoreError};
-use crate::domain::{ExternalId, IdentityId, LinkOutcome, LinkRequest, User, UserId, UserState};
+use crate::domain::{
+    ExternalId, IdentityId, LinkConflict, LinkOutcome, LinkRequest, User, UserId, UserState,
+};
 
 /// Today every external id lives in the default namespace; the column leaves room for more.
 const DEFAULT_NAMESPACE: &str = "";
 
 /// How many times a link is retried after losing a race to a concurrent link of the same identity.
 const LINK_ATTEMPTS: usize = 3;
-
-/// Why a link could not be stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LinkConflict {
-    /// The identity is already linked to this other user.
-    IdentityLinked { user_id: UserId },
-    /// The requested user is already linked to this other identity.
-    UserLinked { ory_identity_id: IdentityId },
-    /// Another user holds the external id.
-    ExternalIdTaken { user_id: Option<UserId> },
-    /// The identity's user already has this other external id.
-    ExternalIdAlreadySet { external_id: ExternalId },
-}
 
 /// What a link stores of the identity, besides what the request asks for.
 #[derive(Debug, Clone, Copy)]
@@ -206,12 +195,6 @@ async fn link_in_tx(
     request: &LinkRequest,
     facts: &LinkFacts<'_>,
 ) -> Result<LinkOutcome, TxError> {
-    let LinkFacts {
-        schema_id,
-        state,
-        ory_has,
-        backfill_run,
-    } = *facts;
     let identity = request.ory_identity_id;
     // Lock the identity's user row so concurrent links of one identity run one after the other.
     // (PostgreSQL cannot lock the nullable side of an outer join, so the user row is locked on its
@@ -223,101 +206,116 @@ async fn link_in_tx(
         .first(conn)
         .await
         .optional()?;
-
     let (user_id, created) = match existing {
-        Some(row) => {
-            let current_external: Option<String> = user_external_ids::table
-                .filter(user_external_ids::user_id.eq(row.id))
-                .filter(user_external_ids::namespace.eq(DEFAULT_NAMESPACE))
-                .select(user_external_ids::external_id)
-                .first(conn)
-                .await
-                .optional()?;
-            let user_id = UserId::from_uuid(row.id);
-            if let Some(wanted) = request.user_id
-                && wanted != user_id
-            {
-                return Err(TxError::Conflict(LinkConflict::IdentityLinked { user_id }));
-            }
-            let mut changed = false;
-            if let Some(wanted) = &request.external_id {
-                match current_external {
-                    Some(current) if current == wanted.as_str() => {}
-                    Some(current) => {
-                        return Err(TxError::Conflict(LinkConflict::ExternalIdAlreadySet {
-                            external_id: ExternalId::from_trusted(current),
-                        }));
-                    }
-                    None => {
-                        insert_external_id(conn, user_id, wanted).await?;
-                        changed = true;
-                    }
-                }
-            }
-            if row.schema_id != schema_id || changed {
-                diesel::update(users::table.find(row.id))
-                    .set((
-                        users::schema_id.eq(schema_id),
-                        users::updated_at.eq(diesel::dsl::now),
-                    ))
-                    .execute(conn)
-                    .await?;
-            }
-            (user_id, false)
-        }
-        None => {
-            let user_id = request.user_id.unwrap_or_else(UserId::mint);
-            let inserted = diesel::insert_into(users::table)
-                .values(NewUserRow {
-                    id: user_id.as_uuid(),
-                    ory_identity_id: identity.as_uuid(),
-                    schema_id,
-                    state: state.as_str(),
-                })
-                .on_conflict_do_nothing()
-                .execute(conn)
-                .await?;
-            if inserted == 0 {
-                // Either the user id is taken by another identity, or a concurrent link of this
-                // identity committed after our SELECT.
-                let holder: Option<uuid::Uuid> = users::table
-                    .find(user_id.as_uuid())
-                    .select(users::ory_identity_id)
-                    .first(conn)
-                    .await
-                    .optional()?;
-                return match holder {
-                    Some(other) if other != identity.as_uuid() => {
-                        Err(TxError::Conflict(LinkConflict::UserLinked {
-                            ory_identity_id: IdentityId::from_uuid(other),
-                        }))
-                    }
-                    _ => Err(TxError::LostRace),
-                };
-            }
-            // Claims the user if the pre-persist hook minted it: from now on it is an ordinary
-            // user, and the sweep must not see it as an abandoned reservation.
-            diesel::delete(pending_users::table.find(user_id.as_uuid()))
-                .execute(conn)
-                .await?;
-            if let Some(external_id) = &request.external_id {
-                insert_external_id(conn, user_id, external_id).await?;
-            }
-            if let Some(run) = backfill_run {
-                super::backfill_runs::mark_created(conn, run, identity).await?;
-            }
-            (user_id, true)
-        }
+        Some(row) => (relink(conn, row, request, facts.schema_id).await?, false),
+        None => (link_new_user(conn, request, facts).await?, true),
     };
-
-    if ory_has != Some(user_id.to_string().as_str()) {
+    if facts.ory_has != Some(user_id.to_string().as_str()) {
         outbox::enqueue(conn, OutboxKind::SetMetadataPublicId, identity, user_id).await?;
     }
-
     let user = find_by_identity(conn, identity)
         .await?
         .ok_or(TxError::LostRace)?;
     Ok(LinkOutcome { user, created })
+}
+
+/// A link of an identity that has a user (`row`, locked): checks the request against it, adds
+/// the external id if the user has none, and keeps the schema id current.
+async fn relink(
+    conn: &mut AsyncPgConnection,
+    row: UserRow,
+    request: &LinkRequest,
+    schema_id: &str,
+) -> Result<UserId, TxError> {
+    let user_id = UserId::from_uuid(row.id);
+    if let Some(wanted) = request.user_id
+        && wanted != user_id
+    {
+        return Err(TxError::Conflict(LinkConflict::IdentityLinked { user_id }));
+    }
+    let mut changed = false;
+    if let Some(wanted) = &request.external_id {
+        let current: Option<String> = user_external_ids::table
+            .filter(user_external_ids::user_id.eq(row.id))
+            .filter(user_external_ids::namespace.eq(DEFAULT_NAMESPACE))
+            .select(user_external_ids::external_id)
+            .first(conn)
+            .await
+            .optional()?;
+        match current {
+            Some(current) if current == wanted.as_str() => {}
+            Some(current) => {
+                return Err(TxError::Conflict(LinkConflict::ExternalIdAlreadySet {
+                    external_id: ExternalId::from_trusted(current),
+                }));
+            }
+            None => {
+                insert_external_id(conn, user_id, wanted).await?;
+                changed = true;
+            }
+        }
+    }
+    if row.schema_id != schema_id || changed {
+        diesel::update(users::table.find(row.id))
+            .set((
+                users::schema_id.eq(schema_id),
+                users::updated_at.eq(diesel::dsl::now),
+            ))
+            .execute(conn)
+            .await?;
+    }
+    Ok(user_id)
+}
+
+/// The first link of an identity: inserts its user (the requested id, or a new one), claiming a
+/// pending user of that id, with the external id asked for.
+async fn link_new_user(
+    conn: &mut AsyncPgConnection,
+    request: &LinkRequest,
+    facts: &LinkFacts<'_>,
+) -> Result<UserId, TxError> {
+    let identity = request.ory_identity_id;
+    let user_id = request.user_id.unwrap_or_else(UserId::mint);
+    let inserted = diesel::insert_into(users::table)
+        .values(NewUserRow {
+            id: user_id.as_uuid(),
+            ory_identity_id: identity.as_uuid(),
+            schema_id: facts.schema_id,
+            state: facts.state.as_str(),
+        })
+        .on_conflict_do_nothing()
+        .execute(conn)
+        .await?;
+    if inserted == 0 {
+        // Either the user id is taken by another identity, or a concurrent link of this
+        // identity committed after our SELECT.
+        let holder: Option<uuid::Uuid> = users::table
+            .find(user_id.as_uuid())
+            .select(users::ory_identity_id)
+            .first(conn)
+            .await
+            .optional()?;
+        return match holder {
+            Some(other) if other != identity.as_uuid() => {
+                Err(TxError::Conflict(LinkConflict::UserLinked {
+                    ory_identity_id: IdentityId::from_uuid(other),
+                }))
+            }
+            _ => Err(TxError::LostRace),
+        };
+    }
+    // Claims the user if the pre-persist hook minted it: from now on it is an ordinary user, and
+    // the sweep must not see it as an abandoned reservation.
+    diesel::delete(pending_users::table.find(user_id.as_uuid()))
+        .execute(conn)
+        .await?;
+    if let Some(external_id) = &request.external_id {
+        insert_external_id(conn, user_id, external_id).await?;
+    }
+    if let Some(run) = facts.backfill_run {
+        super::backfill_runs::mark_created(conn, run, identity).await?;
+    }
+    Ok(user_id)
 }
 
 async fn insert_external_id(

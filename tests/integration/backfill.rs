@@ -9,8 +9,8 @@ use diesel::sql_types::{Text, Uuid as SqlUuid};
 use diesel_async::RunQueryDsl;
 use idmap::error::Error;
 use idmap::jobs::{
-    BackfillOptions, BackfillReport, Drift, Jobs, ReconcileObserver, ReconcileOptions, RetryPolicy,
-    Stopped,
+    BackfillOptions, BackfillReport, Drift, DriftKind, Jobs, ReconcileObserver, ReconcileOptions,
+    RetryPolicy, Stopped,
 };
 use idmap::proto::api::GetUserByOryIdRequest;
 use idmap::store::BackfillCounts;
@@ -766,8 +766,8 @@ async fn reconcile_reports_metadata_that_is_not_an_object_as_unfixable() {
 
     let report = jobs.reconcile(&report_only, &lines, &never).await.unwrap();
     assert_eq!(lines.take(), vec![expected.clone()]);
-    assert_eq!(report.drifts.get("metadata-not-object"), Some(&1));
-    assert_eq!(report.drifts.get("metadata-missing"), None);
+    assert_eq!(report.drifts_of(DriftKind::MetadataNotObject), 1);
+    assert_eq!(report.drifts_of(DriftKind::MetadataMissing), 0);
     assert_eq!(report.unfixable, 1);
 
     // --fix leaves it alone: not counted fixed, nothing queued for the outbox to park.
@@ -873,7 +873,7 @@ async fn reconcile_walks_again_from_the_first_page_when_ory_refuses_its_page_tok
     assert_eq!(ory.calls(Route::AdminRead), 5);
     // Each identity compared and each drift reported once, across both walks.
     assert_eq!((report.identities, report.users), (30, 30));
-    assert_eq!(report.drifts.get("metadata-missing"), Some(&2));
+    assert_eq!(report.drifts_of(DriftKind::MetadataMissing), 2);
     let mut expected = vec![
         format!(
             "metadata-missing: user {} identity {early}: metadata_public.id is not set",
