@@ -236,4 +236,96 @@ mod tests {
             assert!(names.contains(&needed), "{needed} missing from {names:?}");
         }
     }
+
+    /// The top-level fields of an encoded message: number, wire type and (length-delimited)
+    /// payload, in order.
+    fn top_level_fields(mut buf: &[u8]) -> Vec<(u32, prost::encoding::WireType, Vec<u8>)> {
+        use prost::encoding::{WireType, decode_key, decode_varint};
+        let mut fields = Vec::new();
+        while !buf.is_empty() {
+            let (number, wire_type) = decode_key(&mut buf).unwrap();
+            let payload = match wire_type {
+                WireType::LengthDelimited => {
+                    let len = usize::try_from(decode_varint(&mut buf).unwrap()).unwrap();
+                    let (payload, rest) = buf.split_at(len);
+                    buf = rest;
+                    payload.to_vec()
+                }
+                WireType::Varint => decode_varint(&mut buf).unwrap().to_le_bytes().to_vec(),
+                other => panic!("field {number}: unexpected wire type {other:?}"),
+            };
+            fields.push((number, wire_type, payload));
+        }
+        fields
+    }
+
+    /// The hand-written message against the .proto: every field `ResolveSessionResponse` declares
+    /// is encoded (in both forms the server sends), once, under its number, as the message type
+    /// the .proto names. A field added to the .proto but not to `src/proto.rs` fails here instead
+    /// of being left out of every answer.
+    #[test]
+    fn hand_written_response_encodes_every_field_of_the_proto() {
+        use prost_types::field_descriptor_proto::{Label, Type};
+
+        let set = prost_types::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET).unwrap();
+        let declared = set
+            .file
+            .iter()
+            .filter(|f| f.package() == "idmap.v1")
+            .flat_map(|f| &f.message_type)
+            .find(|m| m.name() == "ResolveSessionResponse")
+            .expect("ResolveSessionResponse is in the descriptor set");
+
+        let plain = sample();
+        let pre = ResolveSessionResponse::with_encoded_session(
+            ResolveSessionResponse::encode_session(
+                plain.session.as_ref().unwrap(),
+                plain.identity.as_ref().unwrap(),
+            ),
+            plain.user.clone(),
+        );
+        for (form, bytes) in [
+            ("fields", plain.encode_to_vec()),
+            ("pre-encoded", pre.encode_to_vec()),
+        ] {
+            let sent = top_level_fields(&bytes);
+            let mut numbers: Vec<u32> = sent.iter().map(|(n, _, _)| *n).collect();
+            numbers.sort_unstable();
+            let mut expected: Vec<u32> = declared
+                .field
+                .iter()
+                .map(|f| u32::try_from(f.number()).unwrap())
+                .collect();
+            expected.sort_unstable();
+            assert_eq!(
+                numbers, expected,
+                "{form}: the field numbers sent are not the ones the .proto declares"
+            );
+            for field in &declared.field {
+                assert_eq!(field.label(), Label::Optional, "{}", field.name());
+                assert_eq!(field.r#type(), Type::Message, "{}", field.name());
+                let number = u32::try_from(field.number()).unwrap();
+                let (_, wire_type, payload) = sent.iter().find(|(n, _, _)| *n == number).unwrap();
+                assert_eq!(*wire_type, prost::encoding::WireType::LengthDelimited);
+                // The payload is the field the .proto names, holding what the response holds.
+                match (field.name(), field.type_name()) {
+                    ("session", ".idmap.v1.Session") => assert_eq!(
+                        Some(api::Session::decode(&payload[..]).unwrap()),
+                        plain.session
+                    ),
+                    ("identity", ".idmap.v1.Identity") => assert_eq!(
+                        Some(api::Identity::decode(&payload[..]).unwrap()),
+                        plain.identity
+                    ),
+                    ("user", ".idmap.v1.User") => {
+                        assert_eq!(Some(api::User::decode(&payload[..]).unwrap()), plain.user)
+                    }
+                    (name, type_name) => panic!(
+                        "field {name} ({type_name}, number {number}) of ResolveSessionResponse is \
+                         not written by the hand-written message in src/proto.rs"
+                    ),
+                }
+            }
+        }
+    }
 }

@@ -1,9 +1,9 @@
-//! Kratos JSON, as in ../shared/ory/kratos-api.openapi3.json. Only what idmap reads is declared;
+//! Kratos JSON, as in `spec/ory/kratos-api.openapi3.json`. Only what idmap reads is declared;
 //! unknown fields are ignored, since Ory adds fields between versions.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::domain::{self, IdentityId};
@@ -36,7 +36,7 @@ pub(super) struct SessionDto {
     #[serde(default)]
     authentication_methods: Option<Vec<AuthenticationMethodDto>>,
     #[serde(default)]
-    identity: Option<IdentityDto>,
+    identity: Option<IdentityJson>,
 }
 
 /// Schema `sessionAuthenticationMethod`.
@@ -52,12 +52,18 @@ struct AuthenticationMethodDto {
     provider: Option<String>,
 }
 
-/// Schema `identity`. `metadata_admin` and `credentials` are deliberately not declared: whatever the
-/// admin API sends of them is dropped here and can never reach a caller.
+/// Schema `identity`, the one decoder of Kratos's identity JSON: the admin API's and whoami's
+/// answers, and the webhooks' bodies (the shipped Jsonnet passes `ctx.identity` through). Lenient
+/// where the hooks must be: a pre-persist hook sees the nil id, so `id` and `schema_id` are checked
+/// by [`IdentityJson::into_identity`] and [`IdentityJson::into_unsaved`], not by serde, and each
+/// failure names its field. `metadata_admin` and `credentials` are deliberately not declared:
+/// whatever Ory sends of them is dropped here and can never reach a caller.
 #[derive(Debug, Deserialize)]
-pub(super) struct IdentityDto {
-    id: Uuid,
-    schema_id: String,
+pub struct IdentityJson {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    schema_id: Option<String>,
     #[serde(default)]
     state: Option<String>,
     #[serde(default)]
@@ -70,6 +76,70 @@ pub(super) struct IdentityDto {
     created_at: Option<DateTime<Utc>>,
     #[serde(default, deserialize_with = "go_time")]
     updated_at: Option<DateTime<Utc>>,
+}
+
+/// An identity JSON idmap cannot use: which field (`id` or `schema_id`), and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("identity.{field}: {problem}")]
+pub struct InvalidIdentity {
+    pub field: &'static str,
+    pub problem: String,
+}
+
+/// What a pre-persist hook knows of an identity Ory has not stored yet (its id is the nil UUID).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnsavedIdentity {
+    pub schema_id: String,
+    /// `metadata_public` as Ory will store it unless the hook answers otherwise: `None` when it is
+    /// neither an object nor null, so no key can be added without destroying it.
+    pub metadata_public: Option<Map<String, Value>>,
+}
+
+impl IdentityJson {
+    fn schema_id(&self) -> Result<String, InvalidIdentity> {
+        match self.schema_id.as_deref() {
+            Some(s) if !s.is_empty() => Ok(s.to_owned()),
+            _ => Err(InvalidIdentity {
+                field: "schema_id",
+                problem: "is required".into(),
+            }),
+        }
+    }
+
+    /// An identity Ory has stored: its id must be a real (non-nil) UUID.
+    pub fn into_identity(self) -> Result<domain::Identity, InvalidIdentity> {
+        let schema_id = self.schema_id()?;
+        let id = IdentityId::parse("identity.id", self.id.as_deref().unwrap_or_default()).map_err(
+            |v| InvalidIdentity {
+                field: "id",
+                problem: v.description,
+            },
+        )?;
+        Ok(domain::Identity {
+            id,
+            schema_id,
+            state: self.state.unwrap_or_else(|| "active".to_owned()),
+            external_id: self.external_id.filter(|e| !e.is_empty()),
+            traits: self.traits,
+            metadata_public: self.metadata_public,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+
+    /// An identity a pre-persist hook sees, before Ory stores it: its id is not looked at.
+    pub fn into_unsaved(self) -> Result<UnsavedIdentity, InvalidIdentity> {
+        let schema_id = self.schema_id()?;
+        let metadata_public = match self.metadata_public {
+            Value::Object(map) => Some(map),
+            Value::Null => Some(Map::new()),
+            _ => None,
+        };
+        Ok(UnsavedIdentity {
+            schema_id,
+            metadata_public,
+        })
+    }
 }
 
 /// Schema `genericError` inside `errorGeneric`: `{"error": {...}}`.
@@ -106,7 +176,8 @@ impl SessionDto {
         let identity = self
             .identity
             .ok_or_else(|| "whoami answered without the session's identity".to_owned())?
-            .into_domain()?;
+            .into_identity()
+            .map_err(|e| e.to_string())?;
         let session = domain::Session {
             id: self.id.hyphenated().to_string(),
             // Kratos computes `active` when serialising; whoami answers 401 for inactive sessions, so
@@ -129,23 +200,5 @@ impl SessionDto {
                 .collect(),
         };
         Ok(domain::SessionWithIdentity { session, identity })
-    }
-}
-
-impl IdentityDto {
-    pub(super) fn into_domain(self) -> Result<domain::Identity, String> {
-        if self.id.is_nil() {
-            return Err("identity has the nil id".to_owned());
-        }
-        Ok(domain::Identity {
-            id: IdentityId::from_uuid(self.id),
-            schema_id: self.schema_id,
-            state: self.state.unwrap_or_else(|| "active".to_owned()),
-            external_id: self.external_id.filter(|e| !e.is_empty()),
-            traits: self.traits,
-            metadata_public: self.metadata_public,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-        })
     }
 }

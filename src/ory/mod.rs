@@ -24,7 +24,8 @@ use crate::config::{ENV_ORY_ADMIN_URL, ENV_ORY_API_KEY, ENV_ORY_PUBLIC_URL, OryC
 use crate::domain::{
     Credential, CredentialKind, Identity, IdentityId, SessionWithIdentity, UserId,
 };
-use dto::{ErrorBody, IdentityDto, PatchOp, SessionDto};
+use dto::{ErrorBody, PatchOp, SessionDto};
+pub use dto::{IdentityJson, InvalidIdentity, UnsavedIdentity};
 
 /// The largest Ory response body read; identities with big traits stay far below it.
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -152,8 +153,9 @@ impl KratosClient {
         let response = self.send_admin(self.admin(Method::GET, url)).await?;
         match response.status() {
             StatusCode::OK => {
-                let dto: IdentityDto = read_json(response).await?;
-                dto.into_domain().map_err(OryError::Protocol)
+                let dto: IdentityJson = read_json(response).await?;
+                dto.into_identity()
+                    .map_err(|e| OryError::Protocol(e.to_string()))
             }
             StatusCode::NOT_FOUND => Err(OryError::NotFound),
             _ => Err(unexpected(response).await),
@@ -255,9 +257,9 @@ impl KratosClient {
         let mut rejected = Vec::new();
         for entry in entries {
             let id = entry.get("id").and_then(Value::as_str).map(str::to_owned);
-            match serde_json::from_value::<IdentityDto>(entry)
+            match serde_json::from_value::<IdentityJson>(entry)
                 .map_err(|e| e.to_string())
-                .and_then(IdentityDto::into_domain)
+                .and_then(|dto| dto.into_identity().map_err(|e| e.to_string()))
             {
                 Ok(identity) => identities.push(identity),
                 Err(e) => rejected.push(match id {

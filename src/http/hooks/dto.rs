@@ -1,48 +1,28 @@
 //! The webhook payload: `{"identity": <Kratos identity JSON>}`, the output of the shipped Jsonnet
-//! `function(ctx) { identity: ctx.identity }`. Only what idmap reads is declared; `credentials`,
-//! `metadata_admin` and anything Ory adds later are ignored. Converted to domain types here, at the
-//! edge, like `grpc/convert.rs` does for protobuf.
+//! `function(ctx) { identity: ctx.identity }`. The identity is decoded by the Ory client's own
+//! decoder ([`IdentityJson`]), so a webhook and an admin API call read the same JSON the same way;
+//! this module only adds the envelope and turns a refusal into the hook's 400 with a JSON pointer.
 
-use chrono::{DateTime, Utc};
 use serde::Deserialize;
-use serde_json::{Map, Value};
 
 use super::error::HookError;
-use crate::domain::{Identity, IdentityId};
+use crate::domain::Identity;
+use crate::ory::{IdentityJson, InvalidIdentity, UnsavedIdentity};
 
 #[derive(Debug, Deserialize)]
 pub struct HookBody {
     #[serde(default)]
-    identity: Option<HookIdentity>,
+    identity: Option<IdentityJson>,
 }
 
-#[derive(Debug, Deserialize)]
-struct HookIdentity {
-    #[serde(default)]
-    id: Option<String>,
-    #[serde(default)]
-    schema_id: Option<String>,
-    #[serde(default)]
-    state: Option<String>,
-    #[serde(default)]
-    external_id: Option<String>,
-    #[serde(default)]
-    traits: Value,
-    #[serde(default)]
-    metadata_public: Value,
-    #[serde(default)]
-    created_at: Option<DateTime<Utc>>,
-    #[serde(default)]
-    updated_at: Option<DateTime<Utc>>,
-}
-
-/// What a pre-persist hook needs of the identity, which Ory has not stored yet (its id is nil).
-#[derive(Debug)]
-pub struct NewIdentity {
-    pub schema_id: String,
-    /// `metadata_public` as Ory will store it unless the hook answers otherwise: `None` when it is
-    /// neither an object nor null, so no key can be added without destroying it.
-    pub metadata_public: Option<Map<String, Value>>,
+fn refused(e: InvalidIdentity) -> HookError {
+    HookError::bad_request(
+        match e.field {
+            "id" => "#/identity/id",
+            _ => "#/identity/schema_id",
+        },
+        e.to_string(),
+    )
 }
 
 impl HookBody {
@@ -55,57 +35,29 @@ impl HookBody {
         })
     }
 
-    fn identity(self) -> Result<HookIdentity, HookError> {
-        let identity = self.identity.ok_or_else(|| {
+    fn identity(self) -> Result<IdentityJson, HookError> {
+        self.identity.ok_or_else(|| {
             HookError::bad_request(
                 "#/identity",
                 "identity is required; use the Jsonnet function(ctx) { identity: ctx.identity }",
             )
-        })?;
-        match identity.schema_id.as_deref() {
-            Some(s) if !s.is_empty() => Ok(identity),
-            _ => Err(HookError::bad_request(
-                "#/identity/schema_id",
-                "identity.schema_id is required",
-            )),
-        }
+        })
     }
 
     /// The identity of a pre-persist hook. Its id is not looked at: Ory sends the nil UUID there.
-    pub fn into_new_identity(self) -> Result<NewIdentity, HookError> {
-        let identity = self.identity()?;
-        let metadata_public = match identity.metadata_public {
-            Value::Object(map) => Some(map),
-            Value::Null => Some(Map::new()),
-            _ => None,
-        };
-        Ok(NewIdentity {
-            schema_id: identity.schema_id.unwrap_or_default(),
-            metadata_public,
-        })
+    pub fn into_new_identity(self) -> Result<UnsavedIdentity, HookError> {
+        self.identity()?.into_unsaved().map_err(refused)
     }
 
     /// The identity of a post-persist hook, which Ory has stored: its id must be a real one.
     pub fn into_stored_identity(self) -> Result<Identity, HookError> {
-        let identity = self.identity()?;
-        let id = IdentityId::parse("identity.id", identity.id.as_deref().unwrap_or_default())
-            .map_err(|v| HookError::bad_request("#/identity/id", v.to_string()))?;
-        Ok(Identity {
-            id,
-            schema_id: identity.schema_id.unwrap_or_default(),
-            state: identity.state.unwrap_or_else(|| "active".to_owned()),
-            external_id: identity.external_id.filter(|e| !e.is_empty()),
-            traits: identity.traits,
-            metadata_public: identity.metadata_public,
-            created_at: identity.created_at,
-            updated_at: identity.updated_at,
-        })
+        self.identity()?.into_identity().map_err(refused)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
 
@@ -154,10 +106,34 @@ mod tests {
         let n = body(json!({"identity": {"id": nil, "schema_id": "c"}}))
             .into_new_identity()
             .unwrap();
-        assert_eq!(n.metadata_public, Some(Map::new()));
+        assert_eq!(n.metadata_public, Some(serde_json::Map::new()));
         let n = body(json!({"identity": {"id": nil, "schema_id": "c", "metadata_public": [1]}}))
             .into_new_identity()
             .unwrap();
         assert!(n.metadata_public.is_none());
+    }
+
+    #[test]
+    fn go_zero_time_reads_as_absent_in_hooks_and_in_the_ory_client() {
+        // Go marshals an unset time.Time as its zero value; Kratos sends it that way.
+        let identity = json!({
+            "id": "3f2504e0-4f89-11d3-9a0c-0305e82c3301", "schema_id": "customer",
+            "traits": {"email": "a@example.com"}, "metadata_public": null,
+            "created_at": "0001-01-01T00:00:00Z", "updated_at": "2024-05-01T10:00:00Z",
+        });
+        let from_hook = body(json!({ "identity": identity.clone() }))
+            .into_stored_identity()
+            .unwrap();
+        // What the Ory client decodes an admin API answer with.
+        let from_client = serde_json::from_value::<IdentityJson>(identity)
+            .unwrap()
+            .into_identity()
+            .unwrap();
+        assert_eq!(from_hook.created_at, None, "the year 1 read as a date");
+        assert_eq!(
+            from_hook.updated_at.map(|t| t.to_rfc3339()).as_deref(),
+            Some("2024-05-01T10:00:00+00:00")
+        );
+        assert_eq!(from_hook, from_client);
     }
 }
