@@ -254,7 +254,7 @@ pub struct CommonArgs {
     #[arg(long, env = "IDMAP_SESSION_CACHE_TTL", value_name = "IDMAP_SESSION_CACHE_TTL", default_value = "60s", value_parser = parse_duration)]
     pub session_cache_ttl: Duration,
 
-    /// Most sessions kept in memory (about 2 KiB each; see BENCHMARKS.md).
+    /// Most sessions kept in memory (BENCHMARKS.md measures the memory each takes).
     #[arg(long, env = "IDMAP_SESSION_CACHE_MAX_ENTRIES", value_name = "IDMAP_SESSION_CACHE_MAX_ENTRIES", default_value = "100000", value_parser = parse_cache_size)]
     pub session_cache_max_entries: u64,
 

@@ -3,13 +3,13 @@
 //! Two things tonic does not do for a listener it is handed (`serve_with_incoming`):
 //!
 //! - **TCP_NODELAY.** tonic applies its own `tcp_nodelay` only to listeners it binds itself.
-//!   Without it a response written in two segments waits for the peer's delayed ACK (Nagle), about
-//!   40 ms on Linux: BENCHMARKS.md measured p99s of 45 ms from it.
+//!   Without it a response written in two segments waits for the peer's delayed ACK (Nagle), tens
+//!   of milliseconds on Linux, which shows in the tail latencies.
 //! - **Coalesced writes.** On a socket that does vectored writes, h2 writes every DATA frame of
 //!   256 bytes or more straight from the message buffer, and must flush (one `writev`, one TCP
 //!   segment) before it can queue the next frame. Typical idmap responses (a ResolveSession answer
-//!   is about 450 bytes, a user about 200) sit just above that line, so under load every response
-//!   cost a syscall of its own: 2.8 writes per ResolveSession against 1.8 per Health/Check. On a
+//!   is a few hundred bytes, a user less) sit just above that line, so under load every response
+//!   costs a syscall of its own, more than a Health/Check answer does. On a
 //!   socket that does not advertise vectored writes h2 copies frames under 1 KiB into its 16 KiB
 //!   write buffer instead, where the frames of concurrent responses share one write. Copying 1 KiB
 //!   costs far less than a syscall and a segment.

@@ -1,6 +1,6 @@
 //! The one module that talks HTTP to Ory (Kratos or Ory Network): base URLs, the admin API key,
 //! timeouts, the Kratos JSON types, and the mapping from Ory's statuses and error bodies to
-//! [`OryError`]. It follows ../shared/ory/CONTRACT.md.
+//! [`OryError`]. It follows Kratos's contract (`spec/ory/CONTRACT.md`).
 //!
 //! Tests exercise this client against the Kratos emulator over real HTTP rather than swapping it for
 //! an in-process fake, so the request and response encoding is tested too.

@@ -132,9 +132,8 @@ type Pooled = Object<AsyncPgConnection>;
 /// tokio-postgres pipelines the queries of every task using one connection: it writes whatever is
 /// queued in one go and reads the answers in order, and PostgreSQL runs them back to back in one
 /// backend. A lookup that holds a pooled connection of its own instead pays a round trip of task
-/// wake-ups and syscalls alone, and 16 backends compete for the CPU: on the benchmark's two cores,
-/// cold GetUserByOryId ran at 0.25x of Health/Check with a connection per lookup and at 0.34x with
-/// two shared ones (0.42x with one). Lookups are single-row index scans, so none waits long behind
+/// wake-ups and syscalls alone, and a backend per lookup competes for the CPU (BENCHMARKS.md's cold
+/// lookups compare the two). Lookups are single-row index scans, so none waits long behind
 /// another; transactions and BatchGetUsers keep pooled connections of their own.
 ///
 /// Each slot holds a connection checked out of the pool until a query on it fails for want of the

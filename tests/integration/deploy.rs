@@ -1,5 +1,5 @@
 //! The Kratos configuration snippets in `deploy/ory/`, checked against Kratos's configuration schema
-//! (`spec/ory/kratos-config.schema.json`, a copy of `../shared/ory/`) the way an operator uses them: merged into a
+//! (`spec/ory/kratos-config.schema.json`, Kratos's own) the way an operator uses them: merged into a
 //! minimal `kratos.yml`. Kratos refuses to start on a configuration its schema rejects, so a
 //! snippet that fails here would break the deployment that follows the README.
 
@@ -13,8 +13,8 @@ fn deploy_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/ory")
 }
 
-/// The repository's copy of the shared Ory material (`spec/ory/README.md`).
-fn shared_file(name: &str) -> PathBuf {
+/// A file of the vendored Ory material (`spec/ory/README.md`).
+fn spec_file(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("spec/ory")
         .join(name)
@@ -25,7 +25,7 @@ fn read(path: &Path) -> String {
 }
 
 fn schema() -> Value {
-    serde_json::from_str(&read(&shared_file("kratos-config.schema.json"))).unwrap()
+    serde_json::from_str(&read(&spec_file("kratos-config.schema.json"))).unwrap()
 }
 
 /// Kratos resolves `ory://` references from schemas compiled into it; the only one, the tracing
@@ -340,29 +340,6 @@ fn the_schema_test_catches_a_broken_snippet() {
         assert!(
             !errors(&validator, &config).is_empty(),
             "a snippet with {what} passed the schema"
-        );
-    }
-}
-
-/// The copies in `spec/ory/` are the team's snapshot in `../shared/ory/`, byte for byte, wherever
-/// that snapshot sits beside the repository (it does on development and CI machines).
-#[test]
-fn vendored_ory_specs_match_the_shared_snapshot() {
-    let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/ory");
-    if !shared.is_dir() {
-        eprintln!("{} is absent; nothing to compare", shared.display());
-        return;
-    }
-    for name in [
-        "kratos-api.openapi3.json",
-        "kratos-config.schema.json",
-        "fixtures/session.aal2-with-devices.json",
-        "fixtures/identity.admin-with-credentials.json",
-        "fixtures/webhook.pre-persist-identity-after-metadata_public-update.json",
-    ] {
-        assert!(
-            read(&shared.join(name)) == read(&shared_file(name)),
-            "spec/ory/{name} differs from ../shared/ory/{name}: refresh it (spec/ory/README.md)"
         );
     }
 }

@@ -5,7 +5,7 @@
 //! and without the `/admin` prefix, like a self-hosted admin port); with
 //! [`EmulatorConfig::separate_admin_listener`] it has self-hosted Kratos's two ports, where the
 //! public one answers admin identity paths with a 307 to the admin one. Behaviour follows
-//! `shared/ory/CONTRACT.md` and the Kratos OpenAPI spec; test hooks (faults, call counters, waiting
+//! `spec/ory/CONTRACT.md` and the Kratos OpenAPI spec; test hooks (faults, call counters, waiting
 //! for identity changes or calls) let tests drive the failure modes Ory Network produces.
 //!
 //! The emulator has no identity schemas. It behaves as if every schema were the

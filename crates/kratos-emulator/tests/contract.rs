@@ -1,4 +1,4 @@
-//! Contract behaviours of the emulator, exercised over real HTTP (CONTRACT.md sections a and b).
+//! Contract behaviours of the emulator, exercised over real HTTP (`spec/ory/CONTRACT.md` sections a and b).
 
 // Test helpers fail the test by panicking, like the #[test] bodies they serve.
 #![allow(clippy::unwrap_used)]

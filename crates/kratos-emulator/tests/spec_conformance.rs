@@ -1,5 +1,5 @@
 //! Validates real emulator responses against the Kratos OpenAPI 3.0 spec (`spec/ory/`, the
-//! repository's copy of `../shared/ory`).
+//! repository's vendored copy in `spec/ory/`).
 //!
 //! OpenAPI 3.0 schema objects are converted to JSON Schema draft 7 (`nullable` becomes a `null`
 //! type, OpenAPI-only keywords are dropped) and validated with `components` embedded in the
@@ -24,7 +24,7 @@ fn client_builder() -> reqwest::ClientBuilder {
 }
 
 fn load_spec() -> Value {
-    // The repository's copy of ../shared/ory (spec/ory/README.md), so a lone clone can run this.
+    // The vendored copy in spec/ory/ (spec/ory/README.md), so a lone clone can run this.
     let path =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../spec/ory/kratos-api.openapi3.json");
     let raw = std::fs::read_to_string(&path)
@@ -275,7 +275,7 @@ async fn responses_conform_to_the_openapi_spec() {
     .await;
     // Spec deviation (documented): the OSS spec declares `genericError.details` with
     // `additionalProperties: false`, yet Kratos itself sends `details.redirect_browser_to`
-    // for this error (session/manager.go; CONTRACT.md a). The Ory Network spec drops that
+    // for this error (session/manager.go; spec/ory/CONTRACT.md a). The Ory Network spec drops that
     // keyword. So the only violation allowed is exactly that one...
     let schema_403 = spec.response_schema("toSession", "403");
     let errs = spec.errors(&schema_403, &forbidden);

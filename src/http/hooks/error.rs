@@ -1,5 +1,5 @@
 //! The one place a webhook failure becomes an HTTP answer. Every error body is in Ory's `messages`
-//! format (CONTRACT.md c, "Response handling"), so a `parse: true` hook surfaces it as a flow error
+//! format (`spec/ory/CONTRACT.md` c, "Response handling"), so a `parse: true` hook surfaces it as a flow error
 //! and Kratos logs it for a `parse: false` one. Kratos retries 5xx and never 4xx: outages are 503,
 //! requests that can never succeed are 4xx.
 

@@ -1,5 +1,5 @@
 //! Ory Actions webhooks (`hook: web_hook`) on the HTTP listener: the pre- and post-persist
-//! registration hooks and the after-settings hook (../shared/ory/CONTRACT.md c; `deploy/ory/` has the
+//! registration hooks and the after-settings hook (`spec/ory/CONTRACT.md` c; `deploy/ory/` has the
 //! Kratos configuration). Handlers validate, convert and call the service; `error.rs` is the one
 //! place failures become HTTP answers. Nothing here calls Ory: Kratos is waiting on the answer, inside
 //! someone's registration.
