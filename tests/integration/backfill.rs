@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use diesel::sql_types::{Text, Uuid as SqlUuid};
+use diesel::sql_types::Uuid as SqlUuid;
 use diesel_async::RunQueryDsl;
 use idmap::error::Error;
 use idmap::jobs::{
@@ -73,54 +73,6 @@ fn seed(ory: &Emulator, n: usize, prefix: &str) -> Vec<Uuid> {
         .collect()
 }
 
-/// (identity id, user id) of every user.
-async fn links(db: &TestDb) -> Vec<(Uuid, Uuid)> {
-    #[derive(diesel::QueryableByName)]
-    struct Link {
-        #[diesel(sql_type = SqlUuid)]
-        ory_identity_id: Uuid,
-        #[diesel(sql_type = SqlUuid)]
-        id: Uuid,
-    }
-    let mut conn = db.conn().await;
-    let rows: Vec<Link> = diesel::sql_query("SELECT ory_identity_id, id FROM users")
-        .load(&mut conn)
-        .await
-        .unwrap();
-    rows.into_iter()
-        .map(|l| (l.ory_identity_id, l.id))
-        .collect()
-}
-
-async fn user_state(db: &TestDb, identity: Uuid) -> String {
-    #[derive(diesel::QueryableByName)]
-    struct State {
-        #[diesel(sql_type = Text)]
-        state: String,
-    }
-    let mut conn = db.conn().await;
-    let row: State = diesel::sql_query("SELECT state FROM users WHERE ory_identity_id = $1")
-        .bind::<SqlUuid, _>(identity)
-        .get_result(&mut conn)
-        .await
-        .unwrap();
-    row.state
-}
-
-async fn user_of(db: &TestDb, identity: Uuid) -> Uuid {
-    links(db)
-        .await
-        .into_iter()
-        .find(|(i, _)| *i == identity)
-        .map(|(_, u)| u)
-        .unwrap_or_else(|| panic!("identity {identity} has no user"))
-}
-
-async fn execute(db: &TestDb, sql: &str) {
-    use diesel_async::SimpleAsyncConnection;
-    db.conn().await.batch_execute(sql).await.unwrap();
-}
-
 /// Does what the outbox worker of a running `idmap serve` would: writes every queued
 /// `metadata_public.id` into Ory and removes the rows.
 async fn deliver_outbox(db: &TestDb, ory: &Emulator) {
@@ -139,7 +91,7 @@ async fn deliver_outbox(db: &TestDb, ory: &Emulator) {
     for row in rows {
         set_metadata_id(ory, row.ory_identity_id, &row.user_id.to_string());
     }
-    execute(db, "DELETE FROM ory_outbox").await;
+    db.run_sql("DELETE FROM ory_outbox").await;
 }
 
 fn set_metadata_id(ory: &Emulator, identity: Uuid, id: &str) {
@@ -222,7 +174,7 @@ async fn backfill_of_thousands_resumes_after_interruptions_without_duplicates_or
     );
 
     // No duplicate and no miss: exactly one user per identity, and one metadata write queued each.
-    let linked = links(&db).await;
+    let linked = db.links().await;
     assert_eq!(linked.len(), 3000);
     let identities: HashSet<Uuid> = linked.iter().map(|(i, _)| *i).collect();
     assert_eq!(identities, seeded);
@@ -270,7 +222,7 @@ async fn backfill_follows_next_links_sent_in_a_link_header_of_their_own() {
     assert!(report.is_success(), "{report:?}");
     assert_eq!((report.counts.pages, report.counts.scanned), (5, 45));
     assert_eq!(ory.calls(Route::AdminRead), 5);
-    let linked: HashSet<Uuid> = links(&db).await.into_iter().map(|(i, _)| i).collect();
+    let linked: HashSet<Uuid> = db.links().await.into_iter().map(|(i, _)| i).collect();
     assert_eq!(linked, seeded);
 }
 
@@ -301,7 +253,7 @@ async fn backfill_resumed_after_its_page_token_expired_walks_again_from_the_firs
     assert_eq!(resumed.counts.scanned, 55);
     assert_eq!(resumed.counts.created, 55);
     assert_eq!(resumed.counts.already_linked, 0);
-    let linked = links(&db).await;
+    let linked = db.links().await;
     assert_eq!(linked.len(), 55);
     let identities: HashSet<Uuid> = linked.iter().map(|(i, _)| *i).collect();
     assert_eq!(identities, seeded);
@@ -339,15 +291,12 @@ async fn backfill_stopped_in_the_middle_of_a_page_resumes_without_duplicates_mis
     // The database fails one link of the third page (identities are listed in id order), as if it
     // went down while the page was half done: the rest of the page commits, the cursor stays.
     let victim = seeded[24];
-    execute(
-        &db,
-        &format!(
-            "CREATE FUNCTION fail_one() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+    db.run_sql(&format!(
+        "CREATE FUNCTION fail_one() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
                RAISE EXCEPTION 'the database system is shutting down (test)'; END $$; \
              CREATE TRIGGER fail_one BEFORE INSERT ON users FOR EACH ROW \
                WHEN (NEW.ory_identity_id = '{victim}') EXECUTE FUNCTION fail_one();"
-        ),
-    )
+    ))
     .await;
     let stopped = run_backfill(&jobs, &options).await;
     assert!(
@@ -361,11 +310,8 @@ async fn backfill_stopped_in_the_middle_of_a_page_resumes_without_duplicates_mis
     assert_eq!(db.count("SELECT count(*) FROM users").await, 29);
 
     // The database is back; the run resumes at the third page and does it again.
-    execute(
-        &db,
-        "DROP TRIGGER fail_one ON users; DROP FUNCTION fail_one();",
-    )
-    .await;
+    db.run_sql("DROP TRIGGER fail_one ON users; DROP FUNCTION fail_one();")
+        .await;
     let resumed = run_backfill(&jobs, &options).await;
     assert!(resumed.is_success(), "{resumed:?}");
     // The nine users the run made before it stopped still count as created by it.
@@ -381,7 +327,7 @@ async fn backfill_stopped_in_the_middle_of_a_page_resumes_without_duplicates_mis
             failed: 0,
         }
     );
-    let linked = links(&db).await;
+    let linked = db.links().await;
     assert_eq!(linked.len(), 50);
     let identities: HashSet<Uuid> = linked.iter().map(|(i, _)| *i).collect();
     assert_eq!(identities, seeded.iter().copied().collect());
@@ -528,13 +474,13 @@ async fn backfill_skips_correct_identities_and_goes_through_the_link_path() {
     assert!(summary.contains("already linked:  17"), "{summary}");
     assert!(summary.contains("drift:           2"), "{summary}");
 
-    assert_eq!(user_of(&db, restored).await, restored_user);
+    assert_eq!(db.user_of(restored).await, restored_user);
     assert_eq!(
-        user_of(&db, registered).await.to_string(),
+        db.user_of(registered).await.to_string(),
         reservation.user_id().to_string()
     );
     assert_eq!(db.count("SELECT count(*) FROM pending_users").await, 0);
-    assert_eq!(user_state(&db, inactive).await, "inactive");
+    assert_eq!(db.user_state(inactive).await, "inactive");
     assert_eq!(
         db.count(&format!(
             "SELECT count(*) FROM users WHERE ory_identity_id = '{inactive}' AND updated_at = created_at"
@@ -543,7 +489,7 @@ async fn backfill_skips_correct_identities_and_goes_through_the_link_path() {
         1,
         "the state is written with the user, in the link's transaction"
     );
-    assert_eq!(user_state(&db, restored).await, "active");
+    assert_eq!(db.user_state(restored).await, "active");
 
     // Writes were queued only where Ory lacks the right id: the lost one and the inactive one.
     let mut conn = db.conn().await;
@@ -621,17 +567,16 @@ async fn reconcile_reports_then_fixes_every_kind_of_drift() {
     let stranger = Uuid::new_v4().to_string();
     set_metadata_id(&ory, elsewhere, &stranger);
     // Recorded deleted by an earlier run, but the identity is there (restored from a backup).
-    execute(
-        &db,
-        &format!("UPDATE users SET state = 'deleted' WHERE ory_identity_id = '{returned}'"),
-    )
+    db.run_sql(&format!(
+        "UPDATE users SET state = 'deleted' WHERE ory_identity_id = '{returned}'"
+    ))
     .await;
     // An identity nobody linked yet is counted, not repaired (backfill's job).
     identity(&ory, "customer", "unlinked@example.com");
 
     let user = |i: Uuid| {
         let db = &db;
-        async move { user_of(db, i).await }
+        async move { db.user_of(i).await }
     };
     let expected = vec![
         format!(
@@ -663,8 +608,8 @@ async fn reconcile_reports_then_fixes_every_kind_of_drift() {
     assert_eq!(report.unlinked, 1);
     assert_eq!((report.fixed, report.failed), (0, 0));
     assert!(report.stopped.is_none());
-    assert_eq!(user_state(&db, deleted).await, "active");
-    assert_eq!(user_state(&db, returned).await, "deleted");
+    assert_eq!(db.user_state(deleted).await, "active");
+    assert_eq!(db.user_state(returned).await, "deleted");
     assert_eq!(db.count("SELECT count(*) FROM ory_outbox").await, 0);
     let summary = idmap::cmd::jobs::reconcile_summary(&report);
     assert!(summary.contains("deleted:            1"), "{summary}");
@@ -675,9 +620,9 @@ async fn reconcile_reports_then_fixes_every_kind_of_drift() {
     let repaired: Vec<String> = expected.iter().map(|l| format!("{l} [fixed]")).collect();
     assert_eq!(lines.take(), repaired);
     assert_eq!((fixed.fixed, fixed.failed), (5, 0));
-    assert_eq!(user_state(&db, deleted).await, "deleted");
-    assert_eq!(user_state(&db, inactive).await, "inactive");
-    assert_eq!(user_state(&db, returned).await, "active");
+    assert_eq!(db.user_state(deleted).await, "deleted");
+    assert_eq!(db.user_state(inactive).await, "inactive");
+    assert_eq!(db.user_state(returned).await, "active");
     // Ory is not written inline: the metadata repairs wait in the outbox, naming the linked users.
     assert_eq!(
         ory.identity(elsewhere).unwrap()["metadata_public"]["id"],
@@ -716,7 +661,7 @@ async fn reconcile_reports_then_fixes_every_kind_of_drift() {
         )]
     );
     assert_eq!(report.fixed, 1);
-    assert_eq!(user_state(&db, inactive).await, "active");
+    assert_eq!(db.user_state(inactive).await, "active");
 
     // The RPCs return the state.
     let server = TestServer::start(config(&db, &ory)).await;
@@ -755,7 +700,7 @@ async fn reconcile_reports_metadata_that_is_not_an_object_as_unfixable() {
     let expected = format!(
         "metadata-not-object: user {} identity {odd}: metadata_public is [\"legacy\",1], not an \
          object; idmap will not overwrite it (edit it in Ory, then reconcile again)",
-        user_of(&db, odd).await
+        db.user_of(odd).await
     );
     let lines = Lines::default();
     let report_only = ReconcileOptions {
@@ -808,12 +753,12 @@ async fn reconcile_confirms_a_missing_identity_before_marking_it_deleted() {
     ory.inject_fault(Route::AdminRead, Fault::status(502).times(3));
     let report = jobs.reconcile(&fix, &lines, &never).await.unwrap();
     assert_eq!((report.failed, report.drift_total()), (1, 0));
-    assert_eq!(user_state(&db, ids[0]).await, "active");
+    assert_eq!(db.user_state(ids[0]).await, "active");
 
     // With Ory answering, the 404 is confirmed and recorded.
     let report = jobs.reconcile(&fix, &lines, &never).await.unwrap();
     assert_eq!((report.failed, report.fixed), (0, 1));
-    assert_eq!(user_state(&db, ids[0]).await, "deleted");
+    assert_eq!(db.user_state(ids[0]).await, "deleted");
 }
 
 /// Reports like [`Lines`] and expires every page token once, after the first page, as an hour's
@@ -877,11 +822,11 @@ async fn reconcile_walks_again_from_the_first_page_when_ory_refuses_its_page_tok
     let mut expected = vec![
         format!(
             "metadata-missing: user {} identity {early}: metadata_public.id is not set",
-            user_of(&db, early).await
+            db.user_of(early).await
         ),
         format!(
             "metadata-missing: user {} identity {late}: metadata_public.id is not set",
-            user_of(&db, late).await
+            db.user_of(late).await
         ),
     ];
     expected.sort();
@@ -962,7 +907,7 @@ mod binary {
 
         // --fix queues the 29 writes it can; the identity whose metadata_public is not an object
         // is left to an operator, so drift remains: exit 2.
-        let odd = links(&db).await[0].0;
+        let odd = db.links().await[0].0;
         ory.patch_identity(
             odd,
             &json!([{"op": "replace", "path": "/metadata_public", "value": "legacy"}]),

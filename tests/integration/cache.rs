@@ -5,30 +5,12 @@ use std::time::Duration;
 
 use idmap::proto::api::{
     BatchGetUsersRequest, GetUserByOryIdRequest, InvalidateSessionRequest, LinkIdentityRequest,
-    ResolveSessionRequest, invalidate_session_request::Target, resolve_session_request::Credential,
+    invalidate_session_request::Target,
 };
 use kratos_emulator::{EmulatorConfig, Fault, NewSession, Route};
 use tonic::Code;
 
 use crate::common::*;
-
-fn token(t: &str) -> ResolveSessionRequest {
-    ResolveSessionRequest {
-        credential: Some(Credential::SessionToken(t.to_owned())),
-    }
-}
-
-fn cookie(c: &str) -> ResolveSessionRequest {
-    ResolveSessionRequest {
-        credential: Some(Credential::Cookie(c.to_owned())),
-    }
-}
-
-fn invalidate(target: Target) -> InvalidateSessionRequest {
-    InvalidateSessionRequest {
-        target: Some(target),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_sessions_do_not_reach_ory_again() {

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use idmap::config::PendingSettings;
-use idmap::proto::api::{ResolveSessionRequest, resolve_session_request::Credential};
 use idmap::store::{PoolOptions, Store};
 use idmap::worker::pending_sweep::PendingSweeper;
 use kratos_emulator::{NewIdentity, NewSession};
@@ -113,12 +112,6 @@ async fn counts(env: &Env) -> (i64, i64, i64) {
         env.db.count("SELECT count(*) FROM pending_users").await,
         env.db.count("SELECT count(*) FROM ory_outbox").await,
     )
-}
-
-fn token(t: &str) -> ResolveSessionRequest {
-    ResolveSessionRequest {
-        credential: Some(Credential::SessionToken(t.to_owned())),
-    }
 }
 
 // === registration (post-persist) ===

@@ -9,14 +9,6 @@ use uuid::Uuid;
 
 use crate::common::*;
 
-fn link(identity: Uuid, user_id: &str, external_id: &str) -> LinkIdentityRequest {
-    LinkIdentityRequest {
-        ory_identity_id: identity.to_string(),
-        user_id: user_id.into(),
-        external_id: external_id.into(),
-    }
-}
-
 async fn call(
     client: &mut Client,
     request: LinkIdentityRequest,
@@ -30,7 +22,7 @@ async fn link_creates_a_user_once_and_is_idempotent() {
     let identity_id = identity(&env.ory, "customer", "link@example.com");
     let mut client = env.client();
 
-    let first = call(&mut client, link(identity_id, "", "crm-1"))
+    let first = call(&mut client, link_with(identity_id, "", "crm-1"))
         .await
         .unwrap();
     assert!(first.created);
@@ -40,13 +32,13 @@ async fn link_creates_a_user_once_and_is_idempotent() {
     assert_eq!(user.schema_id, "customer");
     Uuid::parse_str(&user.id).expect("user id is a UUID");
 
-    let again = call(&mut client, link(identity_id, "", "crm-1"))
+    let again = call(&mut client, link_with(identity_id, "", "crm-1"))
         .await
         .unwrap();
     assert!(!again.created);
     assert_eq!(again.user.unwrap(), user);
     // Naming the user explicitly, or leaving the external id out, is the same link.
-    let explicit = call(&mut client, link(identity_id, &user.id, ""))
+    let explicit = call(&mut client, link_with(identity_id, &user.id, ""))
         .await
         .unwrap();
     assert_eq!(explicit.user.unwrap().id, user.id);
@@ -65,7 +57,7 @@ async fn new_users_start_in_their_identitys_state() {
         state: Some("inactive".into()),
         ..NewIdentity::default()
     }));
-    let response = call(&mut env.client(), link(inactive, "", ""))
+    let response = call(&mut env.client(), link_with(inactive, "", ""))
         .await
         .unwrap();
     assert!(response.created);
@@ -104,7 +96,7 @@ async fn link_with_a_chosen_user_id_uses_it() {
     let env = Env::new().await;
     let identity_id = identity(&env.ory, "employee", "chosen@example.com");
     let chosen = Uuid::new_v4().to_string();
-    let response = call(&mut env.client(), link(identity_id, &chosen, ""))
+    let response = call(&mut env.client(), link_with(identity_id, &chosen, ""))
         .await
         .unwrap();
     assert!(response.created);
@@ -126,7 +118,7 @@ async fn link_keeps_other_metadata_public_keys() {
         ..NewIdentity::default()
     });
     let identity_id = id_of(&created);
-    let user = call(&mut env.client(), link(identity_id, "", ""))
+    let user = call(&mut env.client(), link_with(identity_id, "", ""))
         .await
         .unwrap()
         .user
@@ -142,7 +134,7 @@ async fn link_keeps_other_metadata_public_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn link_unknown_identity_is_not_found_and_stores_nothing() {
     let env = Env::new().await;
-    let err = call(&mut env.client(), link(Uuid::new_v4(), "", "crm-404"))
+    let err = call(&mut env.client(), link_with(Uuid::new_v4(), "", "crm-404"))
         .await
         .unwrap_err();
     assert_code(&err, Code::NotFound);
@@ -161,14 +153,14 @@ async fn link_conflicts_are_already_exists_with_a_reason() {
     let a = identity(&env.ory, "customer", "a@example.com");
     let b = identity(&env.ory, "customer", "b@example.com");
     let mut client = env.client();
-    let user_a = call(&mut client, link(a, "", "ext-a"))
+    let user_a = call(&mut client, link_with(a, "", "ext-a"))
         .await
         .unwrap()
         .user
         .unwrap();
 
     // The identity is linked to user A; linking it to another user id fails.
-    let err = call(&mut client, link(a, &Uuid::new_v4().to_string(), ""))
+    let err = call(&mut client, link_with(a, &Uuid::new_v4().to_string(), ""))
         .await
         .unwrap_err();
     assert_code(&err, Code::AlreadyExists);
@@ -178,7 +170,7 @@ async fn link_conflicts_are_already_exists_with_a_reason() {
     assert_eq!(metadata["user_id"], user_a.id);
 
     // User A is taken by identity a; identity b cannot have it.
-    let err = call(&mut client, link(b, &user_a.id, ""))
+    let err = call(&mut client, link_with(b, &user_a.id, ""))
         .await
         .unwrap_err();
     assert_code(&err, Code::AlreadyExists);
@@ -187,14 +179,16 @@ async fn link_conflicts_are_already_exists_with_a_reason() {
     assert_eq!(metadata["ory_identity_id"], a.to_string());
 
     // ext-a is held by user A.
-    let err = call(&mut client, link(b, "", "ext-a")).await.unwrap_err();
+    let err = call(&mut client, link_with(b, "", "ext-a"))
+        .await
+        .unwrap_err();
     assert_code(&err, Code::AlreadyExists);
     let (reason, _, metadata) = error_info(&err);
     assert_eq!(reason, "EXTERNAL_ID_TAKEN");
     assert_eq!(metadata["user_id"], user_a.id);
 
     // User A has ext-a; giving it another external id is refused.
-    let err = call(&mut client, link(a, "", "ext-other"))
+    let err = call(&mut client, link_with(a, "", "ext-other"))
         .await
         .unwrap_err();
     assert_code(&err, Code::AlreadyExists);
@@ -223,12 +217,14 @@ async fn link_adds_an_external_id_to_a_user_without_one() {
     let env = Env::new().await;
     let a = identity(&env.ory, "customer", "later@example.com");
     let mut client = env.client();
-    let user = call(&mut client, link(a, "", ""))
+    let user = call(&mut client, link_with(a, "", ""))
         .await
         .unwrap()
         .user
         .unwrap();
-    let updated = call(&mut client, link(a, "", "crm-later")).await.unwrap();
+    let updated = call(&mut client, link_with(a, "", "crm-later"))
+        .await
+        .unwrap();
     assert!(!updated.created);
     let updated = updated.user.unwrap();
     assert_eq!(updated.id, user.id);
@@ -242,18 +238,18 @@ async fn link_bad_input_is_invalid_argument_and_changes_nothing() {
     let mut client = env.client();
     let cases = [
         (
-            link(a, "", "").tap(|r| r.ory_identity_id = "not-a-uuid".into()),
+            link_with(a, "", "").tap(|r| r.ory_identity_id = "not-a-uuid".into()),
             vec!["ory_identity_id"],
         ),
         (
-            link(a, "", "").tap(|r| r.ory_identity_id = String::new()),
+            link_with(a, "", "").tap(|r| r.ory_identity_id = String::new()),
             vec!["ory_identity_id"],
         ),
-        (link(a, "123", ""), vec!["user_id"]),
-        (link(a, "", &"x".repeat(256)), vec!["external_id"]),
-        (link(a, "", "line\nbreak"), vec!["external_id"]),
+        (link_with(a, "123", ""), vec!["user_id"]),
+        (link_with(a, "", &"x".repeat(256)), vec!["external_id"]),
+        (link_with(a, "", "line\nbreak"), vec!["external_id"]),
         (
-            link(a, "nope", "bell\u{7}").tap(|r| r.ory_identity_id = "x".into()),
+            link_with(a, "nope", "bell\u{7}").tap(|r| r.ory_identity_id = "x".into()),
             vec!["ory_identity_id", "user_id", "external_id"],
         ),
     ];
@@ -279,7 +275,7 @@ async fn link_with_ory_unreachable_is_unavailable_and_stores_nothing() {
     let env = Env::new().await;
     let a = identity(&env.ory, "customer", "down@example.com");
     env.ory.shutdown().await;
-    let err = call(&mut env.client(), link(a, "", "crm-down"))
+    let err = call(&mut env.client(), link_with(a, "", "crm-down"))
         .await
         .unwrap_err();
     assert_ory_unavailable_and_nothing_stored(&env, &err).await;
@@ -291,11 +287,15 @@ async fn link_when_ory_fails_the_identity_check_is_unavailable() {
     let a = identity(&env.ory, "customer", "flaky@example.com");
     env.ory
         .inject_fault(Route::AdminRead, Fault::status(503).times(1));
-    let err = call(&mut env.client(), link(a, "", "")).await.unwrap_err();
+    let err = call(&mut env.client(), link_with(a, "", ""))
+        .await
+        .unwrap_err();
     assert_code(&err, Code::Unavailable);
     env.ory
         .inject_fault(Route::AdminRead, Fault::rate_limited(3).times(1));
-    let err = call(&mut env.client(), link(a, "", "")).await.unwrap_err();
+    let err = call(&mut env.client(), link_with(a, "", ""))
+        .await
+        .unwrap_err();
     assert_code(&err, Code::Unavailable);
     assert_eq!(error_info(&err).0, "ORY_RATE_LIMITED");
     assert_eq!(env.db.count("SELECT count(*) FROM users").await, 0);
@@ -349,7 +349,7 @@ async fn link_fifty_concurrent_calls_racing_for_one_external_id_have_one_winner(
         .collect();
     let calls = identities.iter().map(|id| {
         let mut client = env.client();
-        let request = link(*id, "", "the-one-id");
+        let request = link_with(*id, "", "the-one-id");
         async move { call(&mut client, request).await }
     });
     let results = all_at_once(&env, 50, calls).await;
@@ -380,7 +380,7 @@ async fn link_concurrent_calls_for_one_identity_create_one_user() {
     let a = identity(&env.ory, "customer", "same@example.com");
     let calls = (0..20).map(|_| {
         let mut client = env.client();
-        async move { call(&mut client, link(a, "", "")).await }
+        async move { call(&mut client, link_with(a, "", "")).await }
     });
     let results = all_at_once(&env, 20, calls).await;
     let ids: HashSet<String> = results
@@ -397,7 +397,7 @@ async fn link_nil_user_id_is_invalid_argument() {
     let a = identity(&env.ory, "customer", "nil@example.com");
     let err = call(
         &mut env.client(),
-        link(a, "00000000-0000-0000-0000-000000000000", ""),
+        link_with(a, "00000000-0000-0000-0000-000000000000", ""),
     )
     .await
     .unwrap_err();
@@ -416,7 +416,7 @@ async fn link_when_ory_times_out_is_unavailable_and_stores_nothing() {
         Route::AdminRead,
         Fault::delay_only(Duration::from_secs(30)).times(1),
     );
-    let err = call(&mut env.client(), link(a, "", "crm-slow"))
+    let err = call(&mut env.client(), link_with(a, "", "crm-slow"))
         .await
         .unwrap_err();
     assert_ory_unavailable_and_nothing_stored(&env, &err).await;
@@ -431,7 +431,9 @@ async fn link_with_an_api_key_ory_refuses_is_unavailable_naming_the_setting() {
     };
     let env = Env::with_ory(ory, |c| c.ory.api_key = Some(WRONG.to_owned().into())).await;
     let a = identity(&env.ory, "customer", "key@example.com");
-    let err = call(&mut env.client(), link(a, "", "")).await.unwrap_err();
+    let err = call(&mut env.client(), link_with(a, "", ""))
+        .await
+        .unwrap_err();
     assert_code(&err, Code::Unavailable);
     assert_eq!(error_info(&err).0, "ORY_ADMIN_UNAUTHORIZED");
     assert!(err.message().contains("ORY_API_KEY"), "{err:?}");

@@ -1,9 +1,6 @@
 //! ORY_PUBLIC_URL and ORY_ADMIN_URL against self-hosted Kratos's two ports: idmap never follows
 //! the redirects Kratos answers a wrong port with, and says which setting is wrong.
 
-use idmap::proto::api::{
-    LinkIdentityRequest, ResolveSessionRequest, resolve_session_request::Credential,
-};
 use kratos_emulator::{Emulator, EmulatorConfig, Route};
 use tonic::Code;
 
@@ -19,20 +16,6 @@ async fn self_hosted() -> Emulator {
     )
     .await
     .expect("start the emulator")
-}
-
-fn link(identity: uuid::Uuid) -> LinkIdentityRequest {
-    LinkIdentityRequest {
-        ory_identity_id: identity.to_string(),
-        user_id: String::new(),
-        external_id: String::new(),
-    }
-}
-
-fn token(t: &str) -> ResolveSessionRequest {
-    ResolveSessionRequest {
-        credential: Some(Credential::SessionToken(t.to_owned())),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,14 +7,6 @@ use uuid::Uuid;
 
 use crate::common::*;
 
-fn link(identity: Uuid) -> LinkIdentityRequest {
-    LinkIdentityRequest {
-        ory_identity_id: identity.to_string(),
-        user_id: String::new(),
-        external_id: String::new(),
-    }
-}
-
 async fn link_user(client: &Client, identity: Uuid) -> String {
     client
         .clone()

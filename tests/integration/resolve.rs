@@ -10,12 +10,6 @@ use tonic_types::StatusExt;
 
 use crate::common::*;
 
-fn token(t: &str) -> ResolveSessionRequest {
-    ResolveSessionRequest {
-        credential: Some(Credential::SessionToken(t.to_owned())),
-    }
-}
-
 fn cookie(c: &str) -> ResolveSessionRequest {
     ResolveSessionRequest {
         credential: Some(Credential::Cookie(c.to_owned())),

@@ -9,10 +9,12 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use diesel::sql_types::{Text, Uuid as SqlUuid};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use embedded_pg::EmbeddedPg;
 use secrecy::SecretString;
 use url::Url;
+use uuid::Uuid;
 
 const PREFIX: &str = "idmap_t_";
 
@@ -88,7 +90,7 @@ async fn sweep_leftovers(conn: &mut AsyncPgConnection) {
 
     #[derive(QueryableByName)]
     struct Name {
-        #[diesel(sql_type = diesel::sql_types::Text)]
+        #[diesel(sql_type = Text)]
         datname: String,
     }
     let names: Vec<Name> = diesel::sql_query(format!(
@@ -147,6 +149,54 @@ impl TestDb {
         AsyncPgConnection::establish(&self.url)
             .await
             .expect("connect to the test database")
+    }
+
+    /// Runs SQL statements (no results), for setting up or breaking what a test needs.
+    pub async fn run_sql(&self, sql: &str) {
+        self.conn().await.batch_execute(sql).await.unwrap();
+    }
+
+    /// (identity id, user id) of every user.
+    pub async fn links(&self) -> Vec<(Uuid, Uuid)> {
+        #[derive(diesel::QueryableByName)]
+        struct Link {
+            #[diesel(sql_type = SqlUuid)]
+            ory_identity_id: Uuid,
+            #[diesel(sql_type = SqlUuid)]
+            id: Uuid,
+        }
+        let rows: Vec<Link> = diesel::sql_query("SELECT ory_identity_id, id FROM users")
+            .load(&mut self.conn().await)
+            .await
+            .unwrap();
+        rows.into_iter()
+            .map(|l| (l.ory_identity_id, l.id))
+            .collect()
+    }
+
+    /// The user id linked to `identity`; panics if there is none.
+    pub async fn user_of(&self, identity: Uuid) -> Uuid {
+        self.links()
+            .await
+            .into_iter()
+            .find(|(i, _)| *i == identity)
+            .map(|(_, u)| u)
+            .unwrap_or_else(|| panic!("identity {identity} has no user"))
+    }
+
+    /// The stored `state` of `identity`'s user.
+    pub async fn user_state(&self, identity: Uuid) -> String {
+        #[derive(diesel::QueryableByName)]
+        struct State {
+            #[diesel(sql_type = Text)]
+            state: String,
+        }
+        let row: State = diesel::sql_query("SELECT state FROM users WHERE ory_identity_id = $1")
+            .bind::<SqlUuid, _>(identity)
+            .get_result(&mut self.conn().await)
+            .await
+            .unwrap();
+        row.state
     }
 
     /// Runs a `SELECT count(*) ...` and returns the count.

@@ -2,6 +2,7 @@
 //! generated gRPC client connected over TCP.
 
 pub mod db;
+pub mod requests;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ use tonic_types::StatusExt;
 use uuid::Uuid;
 
 pub use db::TestDb;
+pub use requests::{cookie, invalidate, link, link_with, token};
 
 pub type Client = IdentityServiceClient<Channel>;
 
