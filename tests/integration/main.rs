@@ -6,6 +6,7 @@
 
 mod common;
 
+mod architecture;
 mod backfill;
 mod binary;
 mod cache;
