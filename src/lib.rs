@@ -2,8 +2,9 @@
 //! (`idmap.v1.IdentityService`).
 //!
 //! A request reads top to bottom: `grpc/` (validate, convert) → `service/` (the use case) →
-//! `store/` (PostgreSQL) or `ory/` (Kratos HTTP) → back through `grpc/convert.rs`. Writes to Ory go
-//! through the outbox (`outbox.rs`).
+//! `cache/`, then `store/` (PostgreSQL) or `ory/` (Kratos HTTP) → back through `grpc/convert.rs`.
+//! Writes to Ory go through the outbox, which `worker/outbox.rs` delivers. `docs/architecture.md`
+//! maps every module and what it may import.
 
 pub mod app;
 pub mod cache;

@@ -12,21 +12,21 @@ use embedded_pg::EmbeddedPg;
 use kratos_emulator::{Emulator, EmulatorConfig};
 use secrecy::SecretString;
 
-use crate::config::{CommonArgs, Config, parse_database_url};
+use crate::config::{CommonArgs, Config, ENV_DATABASE_URL, ENV_DEV_ORY_ADDR, parse_database_url};
 use crate::store::migrate;
 
 /// Settings of `idmap dev`.
 #[derive(Debug, Clone, Args)]
 pub struct DevArgs {
     /// Use this PostgreSQL instead of starting a private one.
-    #[arg(long, env = "DATABASE_URL", value_name = "DATABASE_URL", hide_env_values = true, value_parser = parse_database_url)]
+    #[arg(long, env = ENV_DATABASE_URL, value_name = ENV_DATABASE_URL, hide_env_values = true, value_parser = parse_database_url)]
     pub database_url: Option<SecretString>,
 
     /// Where the Kratos emulator listens (public and admin API on one port, as on Ory Network).
     #[arg(
         long,
-        env = "IDMAP_DEV_ORY_ADDR",
-        value_name = "IDMAP_DEV_ORY_ADDR",
+        env = ENV_DEV_ORY_ADDR,
+        value_name = ENV_DEV_ORY_ADDR,
         default_value = "127.0.0.1:4433"
     )]
     pub ory_addr: SocketAddr,

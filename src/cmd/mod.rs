@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{ConfigError, DatabaseArgs, ServeArgs};
+use crate::config::{ConfigError, DatabaseArgs, ENV_LOG_FORMAT, ServeArgs};
 use crate::telemetry::LogFormat;
 
 /// EX_USAGE: a setting is wrong (README "Running in production").
@@ -30,8 +30,8 @@ pub struct Cli {
     #[arg(
         long,
         global = true,
-        env = "IDMAP_LOG_FORMAT",
-        value_name = "IDMAP_LOG_FORMAT",
+        env = ENV_LOG_FORMAT,
+        value_name = ENV_LOG_FORMAT,
         default_value = "text"
     )]
     pub log_format: LogFormat,

@@ -30,6 +30,8 @@ pub const ENV_OUTBOX_RETRY_MIN: &str = "IDMAP_OUTBOX_RETRY_MIN";
 pub const ENV_DB_READ_CONNECTIONS: &str = "IDMAP_DB_READ_CONNECTIONS";
 pub const ENV_GRPC_ADDR: &str = "IDMAP_GRPC_ADDR";
 pub const ENV_HTTP_ADDR: &str = "IDMAP_HTTP_ADDR";
+pub const ENV_LOG_FORMAT: &str = "IDMAP_LOG_FORMAT";
+pub const ENV_DEV_ORY_ADDR: &str = "IDMAP_DEV_ORY_ADDR";
 
 /// A setting that is wrong, named as the operator spells it. `idmap` exits with 64 (EX_USAGE).
 #[derive(Debug, thiserror::Error)]

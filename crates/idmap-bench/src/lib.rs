@@ -44,8 +44,8 @@ pub struct Cli {
     /// Log line format.
     #[arg(
         long,
-        env = "IDMAP_LOG_FORMAT",
-        value_name = "IDMAP_LOG_FORMAT",
+        env = idmap::config::ENV_LOG_FORMAT,
+        value_name = idmap::config::ENV_LOG_FORMAT,
         default_value = "text"
     )]
     pub log_format: idmap::telemetry::LogFormat,

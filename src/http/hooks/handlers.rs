@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::auth::Authenticated;
-use super::dto::HookBody;
+use super::body::HookBody;
 use super::error::HookError;
 use super::{HookState, MAX_BODY_BYTES};
 

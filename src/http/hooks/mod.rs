@@ -5,7 +5,7 @@
 //! someone's registration.
 
 mod auth;
-mod dto;
+mod body;
 mod error;
 mod handlers;
 
