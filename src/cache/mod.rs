@@ -4,8 +4,15 @@
 //!
 //! Concurrent misses for one key share one load (moka's `try_get_with`), so a burst of calls with a
 //! new session makes one whoami call.
+//!
+//! An eviction outdates loads in flight: every eviction advances an epoch, a load notes the epoch
+//! it started in, and an answer loaded across an eviction is neither kept nor served; it is asked
+//! for again. Otherwise a whoami that was on its way while `InvalidateSession` ran would land
+//! after the eviction and be served for a whole TTL.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -41,6 +48,8 @@ pub struct SessionEntry {
     pub value: CachedSession,
     pub fresh_for: Duration,
     pub rendering: Rendering,
+    /// The session-eviction epoch its load started in.
+    epoch: u64,
 }
 
 impl SessionEntry {
@@ -49,9 +58,15 @@ impl SessionEntry {
             value,
             fresh_for,
             rendering: Rendering::default(),
+            epoch: 0,
         }
     }
 }
+
+/// How many times a load is made when evictions of the same session keep overtaking it; the
+/// last answer is then returned to its callers but not kept. Such evictions are rare, and a storm
+/// of them must not keep a caller (or Ory) busy.
+const MAX_LOADS: usize = 3;
 
 /// A validated session kept for stale-if-error, with how long it may still be served.
 #[derive(Debug, Clone)]
@@ -93,6 +108,82 @@ pub struct Caches {
     stale: Option<Cache<SessionKey, Arc<StaleEntry>>>,
     users: Cache<IdentityId, Arc<User>>,
     external_ids: Cache<String, IdentityId>,
+    /// Session evictions, recorded before they evict (see the module docs).
+    session_evictions: Evictions<SessionTarget>,
+    /// User evictions, recorded before they evict.
+    user_evictions: Evictions<Option<IdentityId>>,
+}
+
+/// What a session eviction targets.
+#[derive(Debug, Clone)]
+enum SessionTarget {
+    Key(SessionKey),
+    SessionId(String),
+    Identity(IdentityId),
+    All,
+}
+
+impl SessionTarget {
+    fn matches(&self, key: &SessionKey, entry: &SessionEntry) -> bool {
+        let valid = match &entry.value {
+            CachedSession::Valid(s) => Some(s),
+            CachedSession::Invalid => None,
+        };
+        match self {
+            Self::Key(k) => k == key,
+            Self::SessionId(id) => valid.is_some_and(|s| &s.session.id == id),
+            Self::Identity(identity) => valid.is_some_and(|s| s.identity.id == *identity),
+            Self::All => true,
+        }
+    }
+}
+
+/// How many recent evictions are remembered for loads to check against; a load that an older
+/// eviction overtook (more than this many ago) is treated as outdated.
+const RECENT_EVICTIONS: usize = 256;
+
+/// A counter of evictions and the most recent ones, so a load can tell whether an eviction that
+/// ran while it was in flight concerns what it loaded.
+struct Evictions<T> {
+    epoch: AtomicU64,
+    recent: Mutex<VecDeque<(u64, T)>>,
+}
+
+impl<T> Evictions<T> {
+    fn new() -> Self {
+        Self {
+            epoch: AtomicU64::new(0),
+            recent: Mutex::new(VecDeque::with_capacity(RECENT_EVICTIONS)),
+        }
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Records an eviction; call it before evicting, so a load finishing in between sees it.
+    fn record(&self, target: T) {
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        if recent.len() == RECENT_EVICTIONS {
+            recent.pop_front();
+        }
+        recent.push_back((epoch, target));
+    }
+
+    /// Whether an eviction recorded after epoch `since` targets what `hit` accepts.
+    fn since(&self, since: u64, hit: impl Fn(&T) -> bool) -> bool {
+        if self.epoch() == since {
+            return false;
+        }
+        let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        match recent.front() {
+            // Evictions since `since` have been forgotten: assume one of them concerned it.
+            Some((oldest, _)) if *oldest > since + 1 => true,
+            None => true,
+            Some(_) => recent.iter().any(|(e, t)| *e > since && hit(t)),
+        }
+    }
 }
 
 /// How long Ory's answer may be served: the smallest of our TTL, the session's remaining life, and
@@ -143,6 +234,8 @@ impl Caches {
             stale,
             users,
             external_ids,
+            session_evictions: Evictions::new(),
+            user_evictions: Evictions::new(),
         }
     }
 
@@ -151,7 +244,8 @@ impl Caches {
     }
 
     /// The cached answer for a credential, or the result of `load()`; concurrent callers with the
-    /// same key share one load. Errors are not cached.
+    /// same key share one load. Errors are not cached. An answer whose load an eviction overtook is
+    /// loaded again (module docs).
     ///
     /// A hit never builds the load future: loads (HTTP, SQL) are state machines of kilobytes, and
     /// every future that contains one is copied whole each time it moves, hit or miss. So misses
@@ -162,19 +256,57 @@ impl Caches {
         load: L,
     ) -> Result<Arc<SessionEntry>, Arc<E>>
     where
-        L: FnOnce() -> F,
+        L: Fn() -> F,
         F: Future<Output = Result<SessionEntry, E>> + Send,
         E: Send + Sync + 'static,
     {
         if let Some(entry) = self.sessions.get(&key).await {
             return Ok(entry);
         }
-        let load = load();
-        Box::pin(
-            self.sessions
-                .try_get_with(key, async move { load.await.map(Arc::new) }),
-        )
-        .await
+        Box::pin(self.load_session(key, load)).await
+    }
+
+    async fn load_session<E, F, L>(
+        &self,
+        key: SessionKey,
+        load: L,
+    ) -> Result<Arc<SessionEntry>, Arc<E>>
+    where
+        L: Fn() -> F,
+        F: Future<Output = Result<SessionEntry, E>> + Send,
+        E: Send + Sync + 'static,
+    {
+        let mut loads = 0;
+        loop {
+            loads += 1;
+            let load = load();
+            let evictions = &self.session_evictions;
+            let entry = self
+                .sessions
+                .try_get_with(key, async move {
+                    let started = evictions.epoch();
+                    let mut entry = load.await?;
+                    entry.epoch = started;
+                    Ok(Arc::new(entry))
+                })
+                .await?;
+            // The entry carries its load's epoch, also for a caller that joined a load already in
+            // flight. An eviction of this session since then may have run before the answer was
+            // kept: drop it, and the stale copy the load kept, and ask again.
+            let outdated = self
+                .session_evictions
+                .since(entry.epoch, |target| target.matches(&key, &entry));
+            if !outdated {
+                return Ok(entry);
+            }
+            self.sessions.invalidate(&key).await;
+            if let Some(stale) = &self.stale {
+                stale.invalidate(&key).await;
+            }
+            if loads == MAX_LOADS {
+                return Ok(entry);
+            }
+        }
     }
 
     /// Remembers a valid session for stale-if-error, for `ttl` plus the stale window but never past
@@ -225,6 +357,13 @@ impl Caches {
         (!left.is_zero()).then(|| (entry.session.clone(), left.min(entry.usable_for)))
     }
 
+    /// Forgets the copy of a credential's session kept for stale-if-error (Ory refused it).
+    pub async fn drop_stale(&self, key: &SessionKey) {
+        if let Some(stale) = &self.stale {
+            stale.invalidate(key).await;
+        }
+    }
+
     /// The session a credential resolved to, if it is cached.
     pub async fn cached_session_id(&self, key: &SessionKey) -> Option<String> {
         match &self.sessions.get(key).await?.value {
@@ -235,6 +374,7 @@ impl Caches {
 
     /// Evicts a credential's entry.
     pub async fn evict_session_key(&self, key: &SessionKey) {
+        self.session_evictions.record(SessionTarget::Key(*key));
         self.sessions.invalidate(key).await;
         if let Some(stale) = &self.stale {
             stale.invalidate(key).await;
@@ -243,12 +383,16 @@ impl Caches {
 
     /// Evicts every entry of a session, whichever credential it was cached under.
     pub fn evict_session_id(&self, session_id: &str) {
+        self.session_evictions
+            .record(SessionTarget::SessionId(session_id.to_owned()));
         let id = session_id.to_owned();
         self.evict_sessions_where(move |s| s.session.id == id);
     }
 
     /// Evicts every session of an identity, and its user.
     pub async fn evict_identity(&self, identity: IdentityId) {
+        self.session_evictions
+            .record(SessionTarget::Identity(identity));
         self.evict_sessions_where(move |s| s.identity.id == identity);
         self.evict_user(identity).await;
     }
@@ -280,11 +424,14 @@ impl Caches {
 
     /// Evicts a user (by its identity); the external-id index re-checks against it on use.
     pub async fn evict_user(&self, identity: IdentityId) {
+        self.user_evictions.record(Some(identity));
         self.users.invalidate(&identity).await;
     }
 
     /// Drops everything: after the replica may have missed evictions (its listener reconnected).
     pub fn clear(&self) {
+        self.session_evictions.record(SessionTarget::All);
+        self.user_evictions.record(None);
         self.sessions.invalidate_all();
         if let Some(stale) = &self.stale {
             stale.invalidate_all();
@@ -306,33 +453,67 @@ impl Caches {
         load: L,
     ) -> Result<Option<Arc<User>>, E>
     where
-        L: FnOnce() -> F,
+        L: Fn() -> F,
         F: Future<Output = Result<Option<User>, E>> + Send,
         E: Clone + Send + Sync + 'static,
     {
         if let Some(user) = self.users.get(&identity).await {
             return Ok(Some(user));
         }
-        let load = load();
-        let result = Box::pin(self.users.try_get_with(identity, async move {
-            match load.await {
-                Ok(Some(user)) => {
-                    // Indexed on load only: a hit must not pay for a cache write.
-                    let user = Arc::new(user);
-                    self.remember_external_id(&user).await;
-                    Ok(user)
-                }
-                Ok(None) => Err(None),
-                Err(e) => Err(Some(e)),
-            }
-        }))
-        .await;
-        match result {
-            Ok(user) => Ok(Some(user)),
-            Err(miss) => match &*miss {
-                None => Ok(None),
-                Some(e) => Err(e.clone()),
-            },
+        Box::pin(self.load_user(identity, load)).await
+    }
+
+    async fn load_user<E, F, L>(
+        &self,
+        identity: IdentityId,
+        load: L,
+    ) -> Result<Option<Arc<User>>, E>
+    where
+        L: Fn() -> F,
+        F: Future<Output = Result<Option<User>, E>> + Send,
+        E: Clone + Send + Sync + 'static,
+    {
+        enum Miss<E> {
+            NotFound,
+            Failed(E),
+            /// An eviction of the user ran while it was loading.
+            Outdated(Arc<User>),
+        }
+        let mut loads = 0;
+        loop {
+            loads += 1;
+            let load = load();
+            let result = self
+                .users
+                .try_get_with(identity, async move {
+                    let started = self.user_evictions.epoch();
+                    match load.await {
+                        Ok(Some(user)) => {
+                            let user = Arc::new(user);
+                            if self
+                                .user_evictions
+                                .since(started, |t| t.is_none_or(|i| i == identity))
+                            {
+                                return Err(Miss::Outdated(user));
+                            }
+                            // Indexed on load only: a hit must not pay for a cache write.
+                            self.remember_external_id(&user).await;
+                            Ok(user)
+                        }
+                        Ok(None) => Err(Miss::NotFound),
+                        Err(e) => Err(Miss::Failed(e)),
+                    }
+                })
+                .await;
+            return match result {
+                Ok(user) => Ok(Some(user)),
+                Err(miss) => match &*miss {
+                    Miss::NotFound => Ok(None),
+                    Miss::Failed(e) => Err(e.clone()),
+                    Miss::Outdated(user) if loads == MAX_LOADS => Ok(Some(user.clone())),
+                    Miss::Outdated(_) => continue,
+                },
+            };
         }
     }
 
@@ -435,5 +616,85 @@ mod tests {
             .keep_for_stale([2; 32], &gone, Duration::from_secs(60))
             .await;
         assert!(caches.stale_session(&[2; 32]).await.is_none());
+    }
+
+    fn user(identity: IdentityId) -> User {
+        User {
+            id: crate::domain::UserId::mint(),
+            ory_identity_id: identity,
+            external_id: None,
+            schema_id: "default".into(),
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+            state: crate::domain::UserState::Active,
+        }
+    }
+
+    /// An eviction that lands while a load is in flight (here: inside the load) outdates it: the
+    /// answer is loaded again, and only the answer loaded after the eviction is kept.
+    #[tokio::test]
+    async fn an_eviction_during_a_session_load_outdates_it() {
+        let caches = Caches::new(CacheSettings::default());
+        let key = [3; 32];
+        let s = Arc::new(session(Some(chrono::Duration::hours(1))));
+        let loads = AtomicU64::new(0);
+        let entry = caches
+            .session(key, || async {
+                if loads.fetch_add(1, Ordering::SeqCst) == 0 {
+                    caches.evict_session_id("s");
+                }
+                Ok::<_, ()>(SessionEntry::new(
+                    CachedSession::Valid(s.clone()),
+                    Duration::from_secs(60),
+                ))
+            })
+            .await
+            .unwrap();
+        assert!(matches!(entry.value, CachedSession::Valid(_)));
+        assert_eq!(
+            loads.load(Ordering::SeqCst),
+            2,
+            "loaded again after the eviction"
+        );
+        assert!(caches.cached_session_id(&key).await.is_some());
+
+        // An eviction of another session leaves the load alone.
+        let other = [4; 32];
+        let loads = AtomicU64::new(0);
+        caches
+            .session(other, || async {
+                loads.fetch_add(1, Ordering::SeqCst);
+                caches.evict_session_id("not-this-one");
+                Ok::<_, ()>(SessionEntry::new(
+                    CachedSession::Valid(s.clone()),
+                    Duration::from_secs(60),
+                ))
+            })
+            .await
+            .unwrap();
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_eviction_during_a_user_load_outdates_it() {
+        let caches = Caches::new(CacheSettings::default());
+        let identity = IdentityId::from_uuid(uuid::Uuid::new_v4());
+        let loads = AtomicU64::new(0);
+        let loaded = caches
+            .user_or_load(identity, || async {
+                if loads.fetch_add(1, Ordering::SeqCst) == 0 {
+                    caches.evict_user(identity).await;
+                }
+                Ok::<_, ()>(Some(user(identity)))
+            })
+            .await
+            .unwrap();
+        assert!(loaded.is_some());
+        assert_eq!(
+            loads.load(Ordering::SeqCst),
+            2,
+            "loaded again after the eviction"
+        );
+        assert!(caches.user(&identity).await.is_some());
     }
 }

@@ -31,6 +31,7 @@ pub const ENV_DB_READ_CONNECTIONS: &str = "IDMAP_DB_READ_CONNECTIONS";
 pub const ENV_GRPC_ADDR: &str = "IDMAP_GRPC_ADDR";
 pub const ENV_HTTP_ADDR: &str = "IDMAP_HTTP_ADDR";
 pub const ENV_LOG_FORMAT: &str = "IDMAP_LOG_FORMAT";
+pub const ENV_ALLOW_INSECURE_ORY: &str = "IDMAP_ALLOW_INSECURE_ORY";
 pub const ENV_DEV_ORY_ADDR: &str = "IDMAP_DEV_ORY_ADDR";
 
 /// A setting that is wrong, named as the operator spells it. `idmap` exits with 64 (EX_USAGE).
@@ -106,6 +107,20 @@ pub fn parse_http_url(value: &str) -> Result<Url, InvalidValue> {
         return Err("must not carry credentials; use ORY_API_KEY".into());
     }
     Ok(url)
+}
+
+/// Whether a secret sent to `url` stays off the network in clear: https, or plain http to this
+/// machine (a sidecar, a port-forward).
+fn carries_secrets_safely(url: &Url) -> bool {
+    if url.scheme() == "https" {
+        return true;
+    }
+    match url.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
 }
 
 /// A PostgreSQL URL. Only the shape is checked here; `serve` connects before it binds any port.
@@ -314,6 +329,11 @@ pub struct CommonArgs {
     /// linked before the sweep removes it.
     #[arg(long, env = ENV_PENDING_USER_TTL, value_name = ENV_PENDING_USER_TTL, default_value = "1h", value_parser = parse_positive_duration)]
     pub pending_user_ttl: Duration,
+
+    /// Allow ORY_API_KEY to travel over plain http:// to a host other than this machine (a
+    /// sidecar or a private network that encrypts for you). Off: such a setting stops start-up.
+    #[arg(long, env = ENV_ALLOW_INSECURE_ORY, value_name = ENV_ALLOW_INSECURE_ORY, default_value = "false", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub allow_insecure_ory: bool,
 }
 
 /// The validated configuration the server runs with.
@@ -353,6 +373,19 @@ impl Config {
             });
         }
         let admin_url = ory_admin_url.unwrap_or_else(|| ory_public_url.clone());
+        if common.ory_api_key.is_some() && !common.allow_insecure_ory {
+            for (setting, url) in [
+                (ENV_ORY_ADMIN_URL, &admin_url),
+                (ENV_ORY_PUBLIC_URL, &ory_public_url),
+            ] {
+                if !carries_secrets_safely(url) {
+                    return Err(ConfigError::Conflict {
+                        setting,
+                        requirement: "must be an https:// URL (or name this machine) when ORY_API_KEY is set, or the key crosses the network in clear; set IDMAP_ALLOW_INSECURE_ORY=true if something else encrypts the hop",
+                    });
+                }
+            }
+        }
         Ok(Self {
             database_url,
             ory: OryConfig {
@@ -475,5 +508,47 @@ mod tests {
         assert!(parse_webhook_secret("0123456789abcdef").is_ok());
         assert!(parse_webhook_secret("short").is_err());
         assert!(parse_webhook_secret("0123456789abcdef\u{7}").is_err());
+    }
+
+    #[test]
+    fn the_api_key_never_travels_in_clear_unless_allowed() {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            common: CommonArgs,
+        }
+        let config = |public: &str, admin: Option<&str>, flags: &[&str]| {
+            let flags = <Flags as clap::Parser>::try_parse_from(
+                ["idmap", "--ory-api-key=ory_pat_x"]
+                    .into_iter()
+                    .chain(flags.iter().copied()),
+            )
+            .unwrap();
+            Config::new(
+                SecretString::from("postgres://postgres@127.0.0.1/db"),
+                Url::parse(public).unwrap(),
+                admin.map(|a| Url::parse(a).unwrap()),
+                flags.common,
+            )
+        };
+        assert!(config("https://x.projects.oryapis.com", None, &[]).is_ok());
+        assert!(config("http://127.0.0.1:4433", Some("http://localhost:4434"), &[]).is_ok());
+        assert!(config("http://[::1]:4433", None, &[]).is_ok());
+        let Err(err) = config("https://x.example", Some("http://kratos:4434"), &[]) else {
+            panic!("an API key over plain http to another host was accepted");
+        };
+        assert_eq!(err.setting(), ENV_ORY_ADMIN_URL);
+        assert!(
+            err.to_string().contains("IDMAP_ALLOW_INSECURE_ORY"),
+            "{err}"
+        );
+        let Err(err) = config("http://kratos:4433", None, &[]) else {
+            panic!("an API key over plain http to another host was accepted");
+        };
+        assert!(matches!(
+            err.setting(),
+            ENV_ORY_ADMIN_URL | ENV_ORY_PUBLIC_URL
+        ));
+        assert!(config("http://kratos:4433", None, &["--allow-insecure-ory=true"]).is_ok());
     }
 }

@@ -119,6 +119,21 @@ impl ExternalId {
                 "must not contain control characters",
             ));
         }
+        // Format characters (bidi overrides, zero-width spaces and joiners, ...) are invisible:
+        // two ids that look the same to an operator would be different ids, and a bidi override
+        // can make one id display as another.
+        if let Some(c) = value.chars().find(|c| {
+            unicode_general_category::get_general_category(*c)
+                == unicode_general_category::GeneralCategory::Format
+        }) {
+            return Err(FieldViolation::new(
+                field,
+                format!(
+                    "must not contain invisible format characters (found U+{:04X})",
+                    u32::from(c)
+                ),
+            ));
+        }
         Ok(Self(value.to_owned()))
     }
 
@@ -173,5 +188,24 @@ mod tests {
         assert!(ExternalId::parse("f", "a\nb").is_err());
         assert!(ExternalId::parse("f", "a\u{0}b").is_err());
         assert!(ExternalId::parse("f", "a\u{85}b").is_err());
+        // Invisible format characters: bidi overrides and isolates, zero-width space, joiners,
+        // the byte-order mark, a soft hyphen, a tag character.
+        for invisible in [
+            "\u{202E}",
+            "\u{2066}",
+            "\u{200B}",
+            "\u{200D}",
+            "\u{FEFF}",
+            "\u{AD}",
+            "\u{E0041}",
+        ] {
+            let err = ExternalId::parse("f", &format!("crm{invisible}42")).unwrap_err();
+            assert!(
+                err.description.contains("format characters"),
+                "{invisible:?}: {err}"
+            );
+        }
+        // Visible non-ASCII stays allowed.
+        assert!(ExternalId::parse("f", "kunde-müller-北京").is_ok());
     }
 }

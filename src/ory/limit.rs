@@ -56,9 +56,10 @@ impl OryLimiter {
         Ok(())
     }
 
-    /// Holds every call back for `delay` (Ory asked us to slow down).
+    /// Holds every call back for `delay` (Ory asked us to slow down), at most
+    /// [`super::MAX_RETRY_AFTER`] whatever the caller passes.
     pub fn back_off(&self, delay: Duration) {
-        let until = (Instant::now() + delay)
+        let until = (Instant::now() + delay.min(super::MAX_RETRY_AFTER))
             .duration_since(self.origin)
             .as_millis() as u64;
         self.blocked_until_ms.fetch_max(until, Ordering::Relaxed);
@@ -74,6 +75,20 @@ impl OryLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_cool_down_is_capped_however_long_ory_asks_for() {
+        let limiter = OryLimiter::new(None, Duration::from_millis(50));
+        // Unbounded, this overflowed the clock and panicked the calling task.
+        limiter.back_off(Duration::MAX);
+        let Err(OryError::RateLimited {
+            retry_after: Some(after),
+        }) = limiter.acquire().await
+        else {
+            panic!("not held back");
+        };
+        assert!(after <= super::super::MAX_RETRY_AFTER, "{after:?}");
+    }
 
     #[tokio::test]
     async fn cool_down_longer_than_the_wait_fails_fast() {

@@ -432,28 +432,35 @@ async fn unexpected(response: Response) -> OryError {
     })
 }
 
-/// `Retry-After` (seconds or an HTTP date), else Ory Network's `x-ratelimit-reset` (seconds).
+/// The longest pause idmap takes on Ory's say-so (`Retry-After`, `x-ratelimit-reset`). Ory
+/// Network's limits refill within a minute; a longer value is a proxy's mistake or an attack on
+/// the path, and believing it would stall every Ory call of that kind (or, unbounded, overflow the
+/// clock) until a restart. After the cap, the next call finds out whether the limit still holds.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// `Retry-After` (seconds or an HTTP date), else Ory Network's `x-ratelimit-reset` (seconds); at
+/// most [`MAX_RETRY_AFTER`].
 fn retry_after(response: &Response) -> Option<Duration> {
     if let Some(value) = header_str(response, "retry-after") {
         if let Ok(secs) = value.trim().parse::<u64>() {
-            return Some(Duration::from_secs(secs));
+            return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
         }
         if let Ok(at) = chrono::DateTime::parse_from_rfc2822(value.trim()) {
             let secs = (at.timestamp() - chrono::Utc::now().timestamp()).max(0);
-            return Some(Duration::from_secs(secs as u64));
+            return Some(Duration::from_secs(secs.unsigned_abs()).min(MAX_RETRY_AFTER));
         }
     }
     ratelimit_reset(response)
 }
 
-/// Ory Network's `x-ratelimit-reset`, in seconds from now.
+/// Ory Network's `x-ratelimit-reset`, in seconds from now; at most [`MAX_RETRY_AFTER`].
 fn ratelimit_reset(response: &Response) -> Option<Duration> {
     header_str(response, "x-ratelimit-reset")
         .and_then(|v| v.trim().parse::<u64>().ok())
         // Some gateways send an epoch timestamp here instead of a delay; ignore values that cannot be
         // a delay rather than waiting for decades.
         .filter(|secs| *secs < 24 * 3600)
-        .map(Duration::from_secs)
+        .map(|secs| Duration::from_secs(secs).min(MAX_RETRY_AFTER))
 }
 
 /// Every value of a header that may be repeated, in order.

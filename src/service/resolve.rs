@@ -98,11 +98,16 @@ impl IdentityMapper {
                 self.caches.keep_for_stale(key, &session, ttl).await;
                 Ok(SessionEntry::new(CachedSession::Valid(session), ttl))
             }
-            // Remembered briefly, so a flood of bad tokens does not reach Ory.
-            Err(OryError::Unauthenticated) => Ok(SessionEntry::new(
-                CachedSession::Invalid,
-                settings.negative_ttl,
-            )),
+            // Remembered briefly, so a flood of bad tokens does not reach Ory. A copy kept for
+            // stale-if-error goes: once Ory has refused the session it is never served again, even
+            // while Ory fails after the refusal has been forgotten.
+            Err(OryError::Unauthenticated) => {
+                self.caches.drop_stale(&key).await;
+                Ok(SessionEntry::new(
+                    CachedSession::Invalid,
+                    settings.negative_ttl,
+                ))
+            }
             Err(e) if e.is_transient() => match self.caches.stale_session(&key).await {
                 Some((session, usable_for)) => {
                     tracing::warn!(error = %e, "Ory unavailable; serving a cached session past its TTL (stale-if-error)");

@@ -465,3 +465,95 @@ async fn batch_get_users_rejects_too_many_or_bad_ids() {
         ["ory_identity_ids[1]", "ory_identity_ids[2]"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_never_serves_a_session_ory_refused() {
+    // Nothing is cached fresh (Ory says "do not cache") and refusals are not remembered, so every
+    // call asks Ory; only the copy kept for stale-if-error could answer without it.
+    let ory = EmulatorConfig {
+        cacheable_sessions_max_age: Some(Duration::ZERO),
+        ..EmulatorConfig::default()
+    };
+    let env = Env::with_ory(ory, |c| {
+        c.cache.stale_if_error = Some(Duration::from_secs(60));
+        c.cache.negative_ttl = Duration::ZERO;
+    })
+    .await;
+    let (_, session) = env.customer("refused-then-down@example.com");
+    let mut client = env.client();
+    client.resolve_session(token(&session.token)).await.unwrap();
+
+    // Revoked in Ory without telling idmap: Ory's 401 is the answer.
+    env.ory.revoke_session(session.id);
+    let err = client
+        .resolve_session(token(&session.token))
+        .await
+        .unwrap_err();
+    assert_code(&err, Code::Unauthenticated);
+
+    // Then Ory fails. The session it refused must not come back from the stale copy.
+    env.ory.inject_fault(Route::Whoami, Fault::status(503));
+    let err = client
+        .resolve_session(token(&session.token))
+        .await
+        .unwrap_err();
+    assert_code(&err, Code::Unavailable);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_session_outdates_a_whoami_in_flight() {
+    let env = Env::new().await;
+    let (identity_id, session) = env.customer("in-flight@example.com");
+    // Ory's "valid" answer, held on its way back until the test lets it go: it was given before
+    // the logout below, and arrives after InvalidateSession has returned.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let valid: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/sessions/whoami", env.ory.url()))
+        .header("X-Session-Token", &session.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let gate = kratos_emulator::Gate::new();
+    let held = Fault {
+        gate: Some(gate.clone()),
+        ..Fault::answer(200, Some(valid))
+            .header(
+                "X-Kratos-Authenticated-Identity-Id",
+                &identity_id.to_string(),
+            )
+            .times(1)
+    };
+    let calls = env.ory.calls(Route::Whoami);
+    env.ory.inject_fault(Route::Whoami, held);
+    let mut in_flight_client = env.client();
+    let credential = session.token.clone();
+    let in_flight =
+        tokio::spawn(async move { in_flight_client.resolve_session(token(&credential)).await });
+    assert!(
+        env.ory
+            .wait_for_calls(Route::Whoami, calls + 1, PATIENCE)
+            .await
+    );
+
+    // The logout: revoked in Ory, then invalidated in idmap, while the whoami is in flight.
+    env.ory.revoke_session(session.id);
+    let mut client = env.client();
+    client
+        .invalidate_session(invalidate(Target::SessionToken(session.token.clone())))
+        .await
+        .unwrap();
+    gate.open();
+
+    // Nothing loaded before the invalidation is served after it: the answer in flight is asked
+    // for again, and Ory now refuses the session.
+    let err = in_flight.await.unwrap().unwrap_err();
+    assert_code(&err, Code::Unauthenticated);
+    let err = client
+        .resolve_session(token(&session.token))
+        .await
+        .unwrap_err();
+    assert_code(&err, Code::Unauthenticated);
+}

@@ -105,6 +105,11 @@ async fn an_admin_identity_in_kratos_own_serialisation_links() {
     let env = Env::new().await;
     let mut body = fixture("identity.admin-with-credentials.json");
     body["metadata_admin"] = json!({"risk": "internal only"});
+    // The identity already records its user id (its registration hook ran), so the link adopts it
+    // and queues no Ory write: the outbox worker, which would read the identity again, stays idle
+    // and the count of admin reads below is the link's alone.
+    let recorded = uuid::Uuid::new_v4().to_string();
+    body["metadata_public"] = json!({ "id": recorded });
     let identity_id = body["id"].as_str().unwrap().to_owned();
     env.ory
         .inject_fault(Route::AdminRead, Fault::answer(200, Some(body)).times(1));
@@ -122,6 +127,8 @@ async fn an_admin_identity_in_kratos_own_serialisation_links() {
         .user
         .unwrap();
     assert_eq!(linked.ory_identity_id, identity_id);
+    assert_eq!(linked.id, recorded);
+    assert_eq!(env.db.count("SELECT count(*) FROM ory_outbox").await, 0);
     assert_eq!(linked.schema_id, "default");
     assert_eq!(linked.external_id, "crm-fixture");
     assert_eq!(env.ory.calls(Route::AdminRead), 1);

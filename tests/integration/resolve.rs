@@ -408,3 +408,35 @@ async fn resolve_just_in_time_link_that_loses_a_race_answers_with_the_winner() {
     assert_eq!(user.id, winner.to_string());
     assert_eq!(env.db.count("SELECT count(*) FROM users").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolve_caps_the_pause_ory_asks_for() {
+    let env = Env::with(|c| c.cache.session_ttl = Duration::ZERO).await;
+    let (identity, session) = env.customer("forever@example.com");
+    let mut client = env.client();
+
+    // A Retry-After no clock can add: it used to panic the call (and, in the outbox worker, the
+    // worker for good).
+    env.ory
+        .inject_fault(Route::Whoami, Fault::rate_limited(u64::MAX).times(1));
+    let err = client
+        .resolve_session(token(&session.token))
+        .await
+        .unwrap_err();
+    assert_code(&err, Code::Unavailable);
+    assert_eq!(error_info(&err).0, "ORY_RATE_LIMITED");
+    let retry = err.get_details_retry_info().expect("RetryInfo");
+    assert_eq!(retry.retry_delay, Some(idmap::ory::MAX_RETRY_AFTER));
+
+    // The pause is capped too: calls fail fast with at most the cap, and the server goes on.
+    let err = client
+        .resolve_session(token(&session.token))
+        .await
+        .unwrap_err();
+    let retry = err.get_details_retry_info().expect("RetryInfo");
+    assert!(retry.retry_delay.unwrap() <= idmap::ory::MAX_RETRY_AFTER);
+    client
+        .link_identity(link(identity))
+        .await
+        .expect("the admin API is not held back by a whoami limit");
+}
