@@ -28,6 +28,8 @@ pub mod reason {
     pub const DATABASE_UNAVAILABLE: &str = "DATABASE_UNAVAILABLE";
     pub const DEADLINE_EXCEEDED: &str = "DEADLINE_EXCEEDED";
     pub const INTERNAL: &str = "INTERNAL";
+    pub const CALLER_UNAUTHENTICATED: &str = "CALLER_UNAUTHENTICATED";
+    pub const CALLER_NOT_ALLOWED: &str = "CALLER_NOT_ALLOWED";
 }
 
 /// What went wrong, in terms of what the caller can do about it.

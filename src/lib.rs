@@ -7,6 +7,7 @@
 //! maps every module and what it may import.
 
 pub mod app;
+pub mod auth;
 pub mod cache;
 pub mod cmd;
 pub mod config;

@@ -13,8 +13,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::auth::CallerPolicy;
 use crate::cache::Caches;
 use crate::config::{Config, ENV_DATABASE_URL, ENV_GRPC_ADDR, ENV_HTTP_ADDR};
+use crate::grpc::CallerAuth;
 use crate::jobs::Jobs;
 use crate::ory::KratosClient;
 use crate::service::IdentityMapper;
@@ -100,7 +102,14 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let grace = self.config.shutdown_grace;
-        let server = GrpcServer::build(self.mapper.clone()).await?;
+        let policy = CallerPolicy::from_settings(&self.config.callers)?;
+        if matches!(policy, CallerPolicy::AnyCaller) {
+            tracing::warn!(
+                "IDMAP_ALLOW_ANY_CALLER: any caller that reaches the gRPC port may call every RPC"
+            );
+        }
+        let auth = CallerAuth::new(policy, self.config.callers.trusted_header);
+        let server = GrpcServer::build(self.mapper.clone(), auth).await?;
         let background = Background::start(&self, http).await?;
         tracing::info!(grpc = ?grpc.local_addr().ok(), "serving");
 

@@ -8,8 +8,9 @@ use tokio::net::TcpListener;
 use tonic::transport::server::Router;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+use tower::layer::util::{Identity, Stack};
 
-use crate::grpc::IdentityApi;
+use crate::grpc::{CallerAuth, IdentityApi};
 use crate::proto::{self, api::identity_service_server::IdentityServiceServer};
 use crate::service::IdentityMapper;
 
@@ -18,14 +19,14 @@ pub const SERVICE_NAME: &str = "idmap.v1.IdentityService";
 
 /// The gRPC services, ready to serve, and the health they report.
 pub(super) struct GrpcServer {
-    router: Router,
+    router: Router<Stack<CallerAuth, Identity>>,
     pub health: HealthReporter,
 }
 
 impl GrpcServer {
     /// Health (SERVING, overall and for [`SERVICE_NAME`]), both reflection versions, and the
-    /// identity service.
-    pub async fn build(mapper: Arc<IdentityMapper>) -> anyhow::Result<Self> {
+    /// identity service, all behind the caller authorization `auth`.
+    pub async fn build(mapper: Arc<IdentityMapper>, auth: CallerAuth) -> anyhow::Result<Self> {
         let (health, health_service) = tonic_health::server::health_reporter();
         set_status(&health, ServingStatus::Serving).await;
         let reflection = || {
@@ -40,6 +41,7 @@ impl GrpcServer {
             .build_v1alpha()
             .context("building the reflection service")?;
         let router = tonic::transport::Server::builder()
+            .layer(auth)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

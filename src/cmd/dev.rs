@@ -60,18 +60,26 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let seed = emulator.seed_demo();
     let ory_url = url::Url::parse(&emulator.url()).context("the emulator's URL")?;
 
-    let config = Config::new(database_url, ory_url, None, args.common)?;
+    let mut config = Config::new(database_url, ory_url, None, args.common)?;
+    // A laptop's dev server: any caller, unless a callers file is given to try one out.
+    let any_caller = config.callers.callers_file.is_none();
+    config.callers.allow_any_caller |= any_caller;
     let app = crate::App::build(config).await?;
     let (grpc, http) = crate::app::bind(app.config()).await?;
     let grpc_addr = grpc.local_addr()?;
-    print_banner(&emulator, grpc_addr, &seed);
+    print_banner(&emulator, grpc_addr, &seed, any_caller);
 
     let result = app.serve(grpc, http, crate::shutdown::signal()).await;
     emulator.shutdown().await;
     result
 }
 
-fn print_banner(emulator: &Emulator, grpc: SocketAddr, seed: &kratos_emulator::DemoSeed) {
+fn print_banner(
+    emulator: &Emulator,
+    grpc: SocketAddr,
+    seed: &kratos_emulator::DemoSeed,
+    any_caller: bool,
+) {
     let host = if grpc.ip().is_unspecified() {
         format!("127.0.0.1:{}", grpc.port())
     } else {
@@ -80,6 +88,11 @@ fn print_banner(emulator: &Emulator, grpc: SocketAddr, seed: &kratos_emulator::D
     let mut out = String::new();
     out.push_str("\nidmap dev is running.\n");
     out.push_str(&format!("  gRPC:            {host} (reflection on)\n"));
+    if any_caller {
+        out.push_str(
+            "  Callers:         any caller may call every RPC (dev only; `serve` needs IDMAP_CALLERS or IDMAP_ALLOW_ANY_CALLER=true)\n",
+        );
+    }
     out.push_str(&format!(
         "  Kratos emulator: {} (whoami + admin API)\n\n",
         emulator.url()

@@ -1,10 +1,13 @@
 //! `idmap serve` and `idmap migrate`.
 
+use crate::auth::CallerPolicy;
 use crate::config::{Config, DatabaseArgs, ServeArgs};
 use crate::store::migrate;
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::from_serve_args(args)?;
+    // Before anything else, so a missing decision or a bad callers file costs no connection.
+    CallerPolicy::from_settings(&config.callers)?;
     let app = crate::App::build(config).await?;
     let (grpc, http) = crate::app::bind(app.config()).await?;
     app.serve(grpc, http, crate::shutdown::signal()).await

@@ -14,8 +14,8 @@ use url::Url;
 mod settings;
 
 pub use settings::{
-    CacheSettings, DEFAULT_HEADER, HookSettings, OryConfig, OutboxSettings, PendingSettings,
-    PoolOptions, ServiceSettings,
+    CacheSettings, CallerSettings, DEFAULT_HEADER, HookSettings, OryConfig, OutboxSettings,
+    PendingSettings, PoolOptions, ServiceSettings, TrustedHeader,
 };
 
 pub const ENV_DATABASE_URL: &str = "DATABASE_URL";
@@ -32,6 +32,9 @@ pub const ENV_GRPC_ADDR: &str = "IDMAP_GRPC_ADDR";
 pub const ENV_HTTP_ADDR: &str = "IDMAP_HTTP_ADDR";
 pub const ENV_LOG_FORMAT: &str = "IDMAP_LOG_FORMAT";
 pub const ENV_ALLOW_INSECURE_ORY: &str = "IDMAP_ALLOW_INSECURE_ORY";
+pub const ENV_CALLERS: &str = "IDMAP_CALLERS";
+pub const ENV_ALLOW_ANY_CALLER: &str = "IDMAP_ALLOW_ANY_CALLER";
+pub const ENV_TRUSTED_CALLER_HEADER: &str = "IDMAP_TRUSTED_CALLER_HEADER";
 pub const ENV_DEV_ORY_ADDR: &str = "IDMAP_DEV_ORY_ADDR";
 
 /// A setting that is wrong, named as the operator spells it. `idmap` exits with 64 (EX_USAGE).
@@ -43,6 +46,13 @@ pub enum ConfigError {
         setting: &'static str,
         requirement: &'static str,
     },
+    /// The callers file (`IDMAP_CALLERS`) cannot be read or is malformed.
+    #[error("IDMAP_CALLERS {path}{}: {problem}", line.map(|l| format!(", line {l}")).unwrap_or_default())]
+    CallersFile {
+        path: String,
+        line: Option<usize>,
+        problem: String,
+    },
 }
 
 impl ConfigError {
@@ -50,6 +60,7 @@ impl ConfigError {
     pub fn setting(&self) -> &'static str {
         match self {
             Self::Conflict { setting, .. } => setting,
+            Self::CallersFile { .. } => ENV_CALLERS,
         }
     }
 }
@@ -120,6 +131,16 @@ fn carries_secrets_safely(url: &Url) -> bool {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         None => false,
+    }
+}
+
+fn parse_trusted_header(value: &str) -> Result<TrustedHeader, InvalidValue> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "x-forwarded-client-cert" => Ok(TrustedHeader::XForwardedClientCert),
+        "l5d-client-id" => Ok(TrustedHeader::L5dClientId),
+        _ => {
+            Err("must be x-forwarded-client-cert (Envoy, Istio) or l5d-client-id (Linkerd)".into())
+        }
     }
 }
 
@@ -334,6 +355,21 @@ pub struct CommonArgs {
     /// sidecar or a private network that encrypts for you). Off: such a setting stops start-up.
     #[arg(long, env = ENV_ALLOW_INSECURE_ORY, value_name = ENV_ALLOW_INSECURE_ORY, default_value = "false", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_insecure_ory: bool,
+
+    /// A TOML file naming the callers and the RPCs each may call (README "Security"). Without it,
+    /// `serve` starts only with IDMAP_ALLOW_ANY_CALLER=true.
+    #[arg(long, env = ENV_CALLERS, value_name = ENV_CALLERS)]
+    pub callers: Option<std::path::PathBuf>,
+
+    /// Let any caller that reaches the gRPC port call every RPC, unidentified.
+    #[arg(long, env = ENV_ALLOW_ANY_CALLER, value_name = ENV_ALLOW_ANY_CALLER, default_value = "false", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub allow_any_caller: bool,
+
+    /// A header a mesh sidecar sets with the verified caller identity, to trust as the caller:
+    /// `x-forwarded-client-cert` (Envoy, Istio) or `l5d-client-id` (Linkerd). Only behind a sidecar
+    /// that strips it from what clients send.
+    #[arg(long, env = ENV_TRUSTED_CALLER_HEADER, value_name = ENV_TRUSTED_CALLER_HEADER, value_parser = parse_trusted_header)]
+    pub trusted_caller_header: Option<TrustedHeader>,
 }
 
 /// The validated configuration the server runs with.
@@ -350,6 +386,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub hooks: HookSettings,
     pub pending_users: PendingSettings,
+    pub callers: CallerSettings,
 }
 
 impl Config {
@@ -428,6 +465,11 @@ impl Config {
                 header: common.webhook_header,
             },
             pending_users: PendingSettings::with_ttl(common.pending_user_ttl),
+            callers: CallerSettings {
+                callers_file: common.callers,
+                allow_any_caller: common.allow_any_caller,
+                trusted_header: common.trusted_caller_header,
+            },
         })
     }
 

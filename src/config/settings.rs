@@ -180,3 +180,30 @@ const CALLS_PER_ROW: u32 = 2;
 
 /// Time allowed per row for the store updates around its Ory calls.
 const STORE_ALLOWANCE: Duration = Duration::from_secs(5);
+
+/// A header a mesh sidecar sets with the caller's verified identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrustedHeader {
+    /// Envoy's and Istio's `x-forwarded-client-cert`; its `URI=` (and `DNS=`) element names the
+    /// caller.
+    XForwardedClientCert,
+    /// Linkerd's `l5d-client-id`: the caller's mesh identity, a DNS-like name.
+    L5dClientId,
+}
+
+impl TrustedHeader {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::XForwardedClientCert => "x-forwarded-client-cert",
+            Self::L5dClientId => "l5d-client-id",
+        }
+    }
+}
+
+/// Who may call: the callers file, or any caller; and the mesh header to trust, if any.
+#[derive(Debug, Clone, Default)]
+pub struct CallerSettings {
+    pub callers_file: Option<std::path::PathBuf>,
+    pub allow_any_caller: bool,
+    pub trusted_header: Option<TrustedHeader>,
+}

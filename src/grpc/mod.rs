@@ -1,12 +1,14 @@
 //! The gRPC adapter: validates requests, converts protobuf to domain types, calls the service, and
 //! converts back. No SQL or HTTP here.
 
+mod auth;
 pub(crate) mod convert;
 mod deadline;
 mod identity;
 mod incoming;
 mod status;
 
+pub use auth::CallerAuth;
 pub use identity::IdentityApi;
 pub use incoming::incoming;
 pub use status::to_status;

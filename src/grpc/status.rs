@@ -11,7 +11,7 @@ use crate::error::{Error, reason};
 /// The `ErrorInfo.domain` of every error idmap raises, those that pass Ory's error id through as
 /// their reason included: callers match on one domain (the proto's contract), and the reason alone
 /// says whether it came from Ory (lower case, Ory's own id) or from idmap (upper case).
-const DOMAIN: &str = "idmap";
+pub(super) const DOMAIN: &str = "idmap";
 
 /// PERMISSION_DENIED's reason when Ory refused the session without an error id.
 const FORBIDDEN_WITHOUT_ID: &str = "forbidden";

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 /// `shutdown`, `telemetry`, `tls`) or the binary's wiring (`lib.rs`, `main.rs`).
 const MAY_IMPORT: &[(&str, &[&str])] = &[
     ("config", &[]),
+    ("auth", &["config"]),
     ("domain", &[]),
     ("store", &["config", "domain"]),
     ("ory", &["config", "domain", "tls"]),
@@ -21,7 +22,10 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
     ),
     ("jobs", &["domain", "error", "ory", "service", "store"]),
     ("worker", &["cache", "config", "ory", "store"]),
-    ("grpc", &["domain", "error", "proto", "service"]),
+    (
+        "grpc",
+        &["auth", "config", "domain", "error", "proto", "service"],
+    ),
     (
         "http",
         &["config", "domain", "error", "ory", "service", "store"],
@@ -29,13 +33,15 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
     (
         "app",
         &[
-            "cache", "config", "grpc", "http", "jobs", "ory", "proto", "service", "store", "worker",
+            "auth", "cache", "config", "grpc", "http", "jobs", "ory", "proto", "service", "store",
+            "worker",
         ],
     ),
     (
         "cmd",
         &[
             "app",
+            "auth",
             "config",
             "error",
             "jobs",

@@ -24,6 +24,9 @@ fn idmap(args: &[&str]) -> Command {
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("RUST_LOG", "info")
+        // The tests of other settings run as a deployment that decided who may call; the one that
+        // checks the decision is required removes this.
+        .env("IDMAP_ALLOW_ANY_CALLER", "true")
         .stdin(Stdio::null());
     cmd
 }
@@ -84,6 +87,40 @@ async fn serve_refuses_bad_settings_and_names_them() {
     let out = output(cmd).await;
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("IDMAP_OUTBOX_RETRY_MIN"));
+    // No decision on who may call: no silent open door.
+    let mut cmd = idmap(&["serve"]);
+    cmd.env_remove("IDMAP_ALLOW_ANY_CALLER")
+        .env("DATABASE_URL", "postgres://x@127.0.0.1/x")
+        .env("ORY_PUBLIC_URL", "http://kratos:4433");
+    let out = output(cmd).await;
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("IDMAP_CALLERS") && stderr.contains("IDMAP_ALLOW_ANY_CALLER"),
+        "{stderr}"
+    );
+    // A callers file that names an RPC that does not exist stops start-up, naming its line.
+    let dir = std::env::temp_dir().join(format!("idmap-callers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("callers.toml");
+    std::fs::write(
+        &file,
+        "[[callers]]\nname = \"bff\"\ndns_names = [\"bff.web\"]\nrpcs = [\"ResolveSession\", \"Resolve\"]\n",
+    )
+    .unwrap();
+    let mut cmd = idmap(&["serve"]);
+    cmd.env_remove("IDMAP_ALLOW_ANY_CALLER")
+        .env("DATABASE_URL", "postgres://x@127.0.0.1/x")
+        .env("ORY_PUBLIC_URL", "http://kratos:4433")
+        .env("IDMAP_CALLERS", &file);
+    let out = output(cmd).await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("line 1") && stderr.contains("\"Resolve\""),
+        "{stderr}"
+    );
     // Asking for help is not a mistake.
     for flag in ["--help", "--version"] {
         let out = output(idmap(&[flag])).await;

@@ -10,6 +10,7 @@ mod architecture;
 mod backfill;
 mod binary;
 mod cache;
+mod callers;
 mod database;
 mod deploy;
 mod hooks;
