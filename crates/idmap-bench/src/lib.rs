@@ -12,7 +12,7 @@ mod load;
 mod report;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -20,6 +20,8 @@ use clap::{Args, ValueEnum};
 use kratos_emulator::{Emulator, EmulatorConfig, Fault, NewSession, Route};
 use rand::RngExt;
 use secrecy::SecretString;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::{Interceptor, interceptor::InterceptedService};
 use tonic::transport::Channel;
 use uuid::Uuid;
 
@@ -217,6 +219,12 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     pub markdown: Option<PathBuf>,
 
+    /// Send this key as `Authorization: Bearer` on every call. In-process servers then admit only
+    /// a caller holding it (granted every RPC), so the caller check is measured; against
+    /// `--target`, the key of a caller its callers file grants the scenarios' RPCs.
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
+
     /// Settings of the in-process server (as for `idmap serve`); some scenarios override a few, and
     /// the report says which.
     #[command(flatten, next_help_heading = "In-process server settings")]
@@ -250,18 +258,51 @@ impl BenchArgs {
     }
 }
 
-type Client = IdentityServiceClient<Channel>;
+type Client = IdentityServiceClient<InterceptedService<Channel, BearerKey>>;
+
+/// `--api-key`, sent as `Authorization: Bearer` on every call of this process (set once by
+/// [`run`]), so the server's caller check is part of what is measured.
+static API_KEY: OnceLock<MetadataValue<Ascii>> = OnceLock::new();
+
+/// Adds `--api-key` to a call, when one was given.
+#[derive(Clone, Copy)]
+struct BearerKey;
+
+impl Interceptor for BearerKey {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = API_KEY.get() {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
 
 /// Runs the benchmark, prints the table, appends the markdown section when asked, and returns what
 /// it found.
 pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
+    if let Some(key) = &args.api_key {
+        let value = MetadataValue::try_from(format!("Bearer {key}"))
+            .context("--api-key must be printable ASCII")?;
+        // A second run in the same process (tests) keeps the first key.
+        let _ = API_KEY.set(value);
+    }
+    let mut report = Report::default();
+    if args.api_key.is_some() {
+        report.note(
+            "--api-key: every call (Health/Check too) carries Authorization: Bearer, and in-process servers admit only its holder, so the caller check is in every measured call".to_owned(),
+        );
+    }
     let machine = report::Machine::detect();
     let date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string();
     let command = std::env::args()
         .map(|a| report::shell_quote(&a))
         .collect::<Vec<_>>()
         .join(" ");
-    let mut report = Report::default();
     match &args.target {
         Some(target) => external(&args, target, &mut report).await?,
         None => in_process(&args, &mut report).await?,
@@ -292,7 +333,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
 }
 
 fn clients(channels: &[Channel]) -> Arc<Vec<Client>> {
-    Arc::new(channels.iter().cloned().map(Client::new).collect())
+    Arc::new(
+        channels
+            .iter()
+            .cloned()
+            .map(|c| IdentityServiceClient::with_interceptor(c, BearerKey))
+            .collect(),
+    )
 }
 
 fn boxed(
@@ -327,8 +374,14 @@ async fn health_baseline(
 /// `grpc.health.v1.Health/Check` (overall) over `channels`.
 fn health_call(channels: &[Channel]) -> MakeCall {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let health: Arc<Vec<HealthClient<Channel>>> =
-        Arc::new(channels.iter().cloned().map(HealthClient::new).collect());
+    // Health carries the key too, so both sides of a ratio send the same headers.
+    let health: Arc<Vec<HealthClient<InterceptedService<Channel, BearerKey>>>> = Arc::new(
+        channels
+            .iter()
+            .cloned()
+            .map(|c| HealthClient::with_interceptor(c, BearerKey))
+            .collect(),
+    );
     Arc::new(move |conn, _| {
         let mut c = health[conn].clone();
         boxed(async move {
@@ -538,10 +591,31 @@ fn new_sessions(emulator: &Emulator, identities: &[Uuid], n: usize) -> Vec<Strin
 fn base_config(args: &BenchArgs, db: &Database, emulator: &Emulator) -> anyhow::Result<Config> {
     let ory = url::Url::parse(&emulator.url()).context("the emulator's URL")?;
     let mut config = Config::new(db.url.clone(), ory, None, args.server.clone())?;
-    // The in-process server's callers: the file given (the load then carries no key, so give a
-    // caller without one, a trusted header's, only if that is what you measure), else any.
-    config.callers.allow_any_caller |= config.callers.callers_file.is_none();
+    match &args.api_key {
+        // Only the key's holder may call: every call goes through the caller check.
+        Some(key) => {
+            config.callers.callers_file = Some(callers_file_for(key)?);
+            config.callers.allow_any_caller = false;
+        }
+        None => config.callers.allow_any_caller |= config.callers.callers_file.is_none(),
+    }
     Ok(config)
+}
+
+/// A callers file granting the holder of `key` every RPC, written once per process.
+fn callers_file_for(key: &str) -> anyhow::Result<PathBuf> {
+    use sha2::Digest;
+    let path =
+        std::env::temp_dir().join(format!("idmap-bench-callers-{}.toml", std::process::id()));
+    let hash = hex::encode(sha2::Sha256::digest(key.as_bytes()));
+    std::fs::write(
+        &path,
+        format!(
+            "[[callers]]\nname = \"idmap-bench\"\napi_key_sha256 = [\"{hash}\"]\nrpcs = [\"*\"]\n"
+        ),
+    )
+    .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
 }
 
 async fn in_process(args: &BenchArgs, report: &mut Report) -> anyhow::Result<()> {

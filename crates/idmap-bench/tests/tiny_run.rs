@@ -24,6 +24,7 @@ async fn bench_tiny_run_measures_and_coalesces_to_one_whoami() {
         "--scenario=lookup-scale",
         "--scale-users=300",
         "--rounds=2",
+        "--api-key=bench-key-0123456789abcdef",
     ])
     .unwrap();
     let report = idmap_bench::run(cli.args).await.unwrap();
