@@ -30,6 +30,7 @@ pub mod reason {
     pub const INTERNAL: &str = "INTERNAL";
     pub const CALLER_UNAUTHENTICATED: &str = "CALLER_UNAUTHENTICATED";
     pub const CALLER_NOT_ALLOWED: &str = "CALLER_NOT_ALLOWED";
+    pub const SERVER_OVERLOADED: &str = "SERVER_OVERLOADED";
 }
 
 /// What went wrong, in terms of what the caller can do about it.

@@ -109,7 +109,7 @@ impl App {
             );
         }
         let auth = CallerAuth::new(policy, self.config.callers.trusted_header);
-        let server = GrpcServer::build(self.mapper.clone(), auth).await?;
+        let server = GrpcServer::build(self.mapper.clone(), auth, &self.config.grpc).await?;
         let background = Background::start(&self, http).await?;
         tracing::info!(grpc = ?grpc.local_addr().ok(), "serving");
 

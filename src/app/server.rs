@@ -10,23 +10,34 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tower::layer::util::{Identity, Stack};
 
-use crate::grpc::{CallerAuth, IdentityApi};
+use crate::config::GrpcSettings;
+use crate::grpc::{CallerAuth, IdentityApi, InFlightLimit, MAX_REQUEST_BYTES};
 use crate::proto::{self, api::identity_service_server::IdentityServiceServer};
 use crate::service::IdentityMapper;
 
 /// The name health checks use for the business service.
 pub const SERVICE_NAME: &str = "idmap.v1.IdentityService";
 
+/// How long a keepalive ping may go unanswered before the connection is closed.
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// How long calls on a connection past IDMAP_GRPC_MAX_CONNECTION_AGE may take to finish.
+const MAX_CONNECTION_AGE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The gRPC services, ready to serve, and the health they report.
 pub(super) struct GrpcServer {
-    router: Router<Stack<CallerAuth, Identity>>,
+    router: Router<Stack<CallerAuth, Stack<InFlightLimit, Identity>>>,
     pub health: HealthReporter,
 }
 
 impl GrpcServer {
     /// Health (SERVING, overall and for [`SERVICE_NAME`]), both reflection versions, and the
     /// identity service, all behind the caller authorization `auth`.
-    pub async fn build(mapper: Arc<IdentityMapper>, auth: CallerAuth) -> anyhow::Result<Self> {
+    pub async fn build(
+        mapper: Arc<IdentityMapper>,
+        auth: CallerAuth,
+        limits: &GrpcSettings,
+    ) -> anyhow::Result<Self> {
         let (health, health_service) = tonic_health::server::health_reporter();
         set_status(&health, ServingStatus::Serving).await;
         let reflection = || {
@@ -40,12 +51,29 @@ impl GrpcServer {
         let reflection_v1alpha = reflection()
             .build_v1alpha()
             .context("building the reflection service")?;
-        let router = tonic::transport::Server::builder()
+        let mut server = tonic::transport::Server::builder()
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            // tonic hands hyper `None` for these unless told, which turns off h2's protection
+            // against clients that open and reset streams faster than the server can serve them
+            // (CVE-2023-44487). These are h2's and hyper's own defaults.
+            .http2_max_pending_accept_reset_streams(Some(20))
+            .http2_max_local_error_reset_streams(Some(1024))
+            .http2_keepalive_interval(Some(limits.keepalive))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+        if let Some(age) = limits.max_connection_age {
+            server = server
+                .max_connection_age(age)
+                .max_connection_age_grace(MAX_CONNECTION_AGE_GRACE);
+        }
+        let identity = IdentityServiceServer::new(IdentityApi::new(mapper))
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let router = server
+            .layer(InFlightLimit::new(limits.max_in_flight))
             .layer(auth)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(IdentityServiceServer::new(IdentityApi::new(mapper)));
+            .add_service(identity);
         Ok(Self { router, health })
     }
 

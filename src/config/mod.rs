@@ -14,8 +14,8 @@ use url::Url;
 mod settings;
 
 pub use settings::{
-    CacheSettings, CallerSettings, DEFAULT_HEADER, HookSettings, OryConfig, OutboxSettings,
-    PendingSettings, PoolOptions, ServiceSettings, TrustedHeader,
+    CacheSettings, CallerSettings, DEFAULT_HEADER, GrpcSettings, HookSettings, OryConfig,
+    OutboxSettings, PendingSettings, PoolOptions, ServiceSettings, TrustedHeader,
 };
 
 pub const ENV_DATABASE_URL: &str = "DATABASE_URL";
@@ -195,6 +195,13 @@ fn parse_cookie_name(value: &str) -> Result<String, InvalidValue> {
     }
 }
 
+fn parse_limit(value: &str) -> Result<u32, InvalidValue> {
+    match value.trim().parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("must be a whole number of at least 1".into()),
+    }
+}
+
 fn parse_cache_size(value: &str) -> Result<u64, InvalidValue> {
     match value.trim().parse::<u64>() {
         Ok(n) if n >= 1 => Ok(n),
@@ -370,6 +377,25 @@ pub struct CommonArgs {
     /// that strips it from what clients send.
     #[arg(long, env = ENV_TRUSTED_CALLER_HEADER, value_name = ENV_TRUSTED_CALLER_HEADER, value_parser = parse_trusted_header)]
     pub trusted_caller_header: Option<TrustedHeader>,
+
+    /// Most calls one gRPC connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "IDMAP_GRPC_MAX_CONCURRENT_STREAMS", value_name = "IDMAP_GRPC_MAX_CONCURRENT_STREAMS", default_value = "256", value_parser = parse_limit)]
+    pub grpc_max_concurrent_streams: u32,
+
+    /// Most gRPC calls in progress across all connections; past it, calls are refused at once with
+    /// RESOURCE_EXHAUSTED rather than queued (health checks are exempt).
+    #[arg(long, env = "IDMAP_GRPC_MAX_IN_FLIGHT", value_name = "IDMAP_GRPC_MAX_IN_FLIGHT", default_value = "4096", value_parser = parse_limit)]
+    pub grpc_max_in_flight: u32,
+
+    /// How often an idle gRPC connection is pinged (HTTP/2 keepalive), so dead peers and silently
+    /// dropped connections are found; a ping unanswered for 20 s closes the connection.
+    #[arg(long, env = "IDMAP_GRPC_KEEPALIVE", value_name = "IDMAP_GRPC_KEEPALIVE", default_value = "60s", value_parser = parse_positive_duration)]
+    pub grpc_keepalive: Duration,
+
+    /// Close gRPC connections older than this (after letting their calls finish), so a mesh or
+    /// balancer spreads long-lived clients over new replicas. Unset: connections live on.
+    #[arg(long, env = "IDMAP_GRPC_MAX_CONNECTION_AGE", value_name = "IDMAP_GRPC_MAX_CONNECTION_AGE", value_parser = parse_positive_duration)]
+    pub grpc_max_connection_age: Option<Duration>,
 }
 
 /// The validated configuration the server runs with.
@@ -387,6 +413,7 @@ pub struct Config {
     pub hooks: HookSettings,
     pub pending_users: PendingSettings,
     pub callers: CallerSettings,
+    pub grpc: GrpcSettings,
 }
 
 impl Config {
@@ -465,6 +492,12 @@ impl Config {
                 header: common.webhook_header,
             },
             pending_users: PendingSettings::with_ttl(common.pending_user_ttl),
+            grpc: GrpcSettings {
+                max_concurrent_streams: common.grpc_max_concurrent_streams,
+                max_in_flight: common.grpc_max_in_flight as usize,
+                keepalive: common.grpc_keepalive,
+                max_connection_age: common.grpc_max_connection_age,
+            },
             callers: CallerSettings {
                 callers_file: common.callers,
                 allow_any_caller: common.allow_any_caller,

@@ -207,3 +207,16 @@ pub struct CallerSettings {
     pub allow_any_caller: bool,
     pub trusted_header: Option<TrustedHeader>,
 }
+
+/// Limits of the gRPC transport (README "Settings" says why each default).
+#[derive(Debug, Clone)]
+pub struct GrpcSettings {
+    /// Most concurrent calls on one connection.
+    pub max_concurrent_streams: u32,
+    /// Most calls in progress on the whole server; more are refused with RESOURCE_EXHAUSTED.
+    pub max_in_flight: usize,
+    /// HTTP/2 keepalive ping interval.
+    pub keepalive: Duration,
+    /// Connections are closed (gracefully) at this age, if set.
+    pub max_connection_age: Option<Duration>,
+}

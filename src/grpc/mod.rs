@@ -6,9 +6,11 @@ pub(crate) mod convert;
 mod deadline;
 mod identity;
 mod incoming;
+mod limits;
 mod status;
 
 pub use auth::CallerAuth;
 pub use identity::IdentityApi;
 pub use incoming::incoming;
+pub use limits::{InFlightLimit, MAX_REQUEST_BYTES};
 pub use status::to_status;

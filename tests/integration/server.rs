@@ -187,3 +187,63 @@ async fn deadline_shorter_than_ory_is_deadline_exceeded() {
     let err = env.client().resolve_session(request).await.unwrap_err();
     assert_code(&err, tonic::Code::DeadlineExceeded);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_over_the_in_flight_limit_are_shed_at_once_and_health_still_answers() {
+    let env = Env::with(|c| c.grpc.max_in_flight = 1).await;
+    let (_, session) = env.customer("busy@example.com");
+    // The one call allowed in flight waits at Ory until the test lets it go.
+    let gate = Gate::new();
+    env.ory
+        .inject_fault(Route::Whoami, Fault::held(&gate).times(1));
+    let mut first = env.client();
+    let credential = session.token.clone();
+    let in_flight = tokio::spawn(async move { first.resolve_session(token(&credential)).await });
+    assert!(env.ory.wait_for_calls(Route::Whoami, 1, PATIENCE).await);
+
+    let err = env
+        .client()
+        .resolve_session(token(&session.token))
+        .await
+        .unwrap_err();
+    assert_code(&err, tonic::Code::ResourceExhausted);
+    assert_eq!(error_info(&err).0, "SERVER_OVERLOADED");
+    let mut health = HealthClient::new(channel(env.server.addr).await);
+    let serving = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(serving.status, ServingStatus::Serving as i32);
+
+    // Once the call in flight is answered, its place is free again.
+    gate.open();
+    in_flight.await.unwrap().unwrap();
+    env.client()
+        .resolve_session(token(&session.token))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_larger_than_any_valid_one_is_refused_before_it_is_decoded() {
+    let env = Env::new().await;
+    // 4 MiB of ids: far more than the 1,000 a BatchGetUsers may carry.
+    let request = idmap::proto::api::BatchGetUsersRequest {
+        ory_identity_ids: vec!["x".repeat(1024); 4 * 1024],
+    };
+    let err = env
+        .client()
+        .max_encoding_message_size(usize::MAX)
+        .batch_get_users(request)
+        .await
+        .unwrap_err();
+    assert_code(&err, tonic::Code::OutOfRange);
+    assert!(
+        err.message()
+            .contains(&idmap::grpc::MAX_REQUEST_BYTES.to_string()),
+        "{err:?}"
+    );
+}
