@@ -67,6 +67,7 @@ impl Background {
             app.store.clone(),
             crate::http::hooks::router(app.mapper.clone(), &app.config.hooks),
             draining.clone(),
+            app.config.http.clone(),
         ));
         Ok(Self {
             stop,

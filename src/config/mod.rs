@@ -14,8 +14,8 @@ use url::Url;
 mod settings;
 
 pub use settings::{
-    CacheSettings, CallerSettings, DEFAULT_HEADER, GrpcSettings, HookSettings, OryConfig,
-    OutboxSettings, PendingSettings, PoolOptions, ServiceSettings, TrustedHeader,
+    CacheSettings, CallerSettings, DEFAULT_HEADER, GrpcSettings, HookSettings, HttpSettings,
+    OryConfig, OutboxSettings, PendingSettings, PoolOptions, ServiceSettings, TrustedHeader,
 };
 
 pub const ENV_DATABASE_URL: &str = "DATABASE_URL";
@@ -396,6 +396,20 @@ pub struct CommonArgs {
     /// balancer spreads long-lived clients over new replicas. Unset: connections live on.
     #[arg(long, env = "IDMAP_GRPC_MAX_CONNECTION_AGE", value_name = "IDMAP_GRPC_MAX_CONNECTION_AGE", value_parser = parse_positive_duration)]
     pub grpc_max_connection_age: Option<Duration>,
+
+    /// How long an HTTP client may take to send its request headers before the connection is
+    /// closed, so slow clients cannot hold connections open.
+    #[arg(long, env = "IDMAP_HTTP_HEADER_TIMEOUT", value_name = "IDMAP_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub http_header_timeout: Duration,
+
+    /// Longest an HTTP request (a webhook) may take; past it the answer is 503, which Kratos
+    /// retries.
+    #[arg(long, env = "IDMAP_HTTP_REQUEST_TIMEOUT", value_name = "IDMAP_HTTP_REQUEST_TIMEOUT", default_value = "20s", value_parser = parse_positive_duration)]
+    pub http_request_timeout: Duration,
+
+    /// Most HTTP connections open at once; one more is closed as soon as it is accepted.
+    #[arg(long, env = "IDMAP_HTTP_MAX_CONNECTIONS", value_name = "IDMAP_HTTP_MAX_CONNECTIONS", default_value = "1024", value_parser = parse_limit)]
+    pub http_max_connections: u32,
 }
 
 /// The validated configuration the server runs with.
@@ -414,6 +428,7 @@ pub struct Config {
     pub pending_users: PendingSettings,
     pub callers: CallerSettings,
     pub grpc: GrpcSettings,
+    pub http: HttpSettings,
 }
 
 impl Config {
@@ -492,6 +507,11 @@ impl Config {
                 header: common.webhook_header,
             },
             pending_users: PendingSettings::with_ttl(common.pending_user_ttl),
+            http: HttpSettings {
+                header_timeout: common.http_header_timeout,
+                request_timeout: common.http_request_timeout,
+                max_connections: common.http_max_connections as usize,
+            },
             grpc: GrpcSettings {
                 max_concurrent_streams: common.grpc_max_concurrent_streams,
                 max_in_flight: common.grpc_max_in_flight as usize,

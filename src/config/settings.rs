@@ -220,3 +220,14 @@ pub struct GrpcSettings {
     /// Connections are closed (gracefully) at this age, if set.
     pub max_connection_age: Option<Duration>,
 }
+
+/// Limits of the HTTP listener (README "Settings" says why each default).
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Time to receive a request's headers.
+    pub header_timeout: Duration,
+    /// Time to answer a request.
+    pub request_timeout: Duration,
+    /// Connections open at once.
+    pub max_connections: usize,
+}

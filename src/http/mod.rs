@@ -1,61 +1,191 @@
 //! The HTTP listener on IDMAP_HTTP_ADDR: liveness and readiness for orchestrators that probe over
 //! HTTP rather than gRPC health, and the Ory webhooks (`hooks/`).
+//!
+//! The listener is exposed to whatever can reach the port, so it bounds what a client can hold:
+//! the time to send its request headers, the time a request may take, and the connections open at
+//! once (a connection over the cap is closed as soon as it is accepted).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub mod hooks;
 
+use crate::config::HttpSettings;
 use crate::store::Store;
+
+/// How often readiness asks the database, and how long it waits for the answer.
+const READINESS_INTERVAL: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 struct HttpState {
-    store: Store,
+    /// The database answered the last readiness check.
+    database_ready: Arc<AtomicBool>,
     draining: CancellationToken,
 }
 
-/// Serves the probes and `routes` until `draining` is cancelled.
+/// Serves the probes and `routes` until `draining` is cancelled, then lets open requests finish.
 pub async fn serve(
     listener: TcpListener,
     store: Store,
     routes: Router,
     draining: CancellationToken,
+    limits: HttpSettings,
 ) -> std::io::Result<()> {
-    let state = HttpState {
+    let database_ready = Arc::new(AtomicBool::new(true));
+    tokio::spawn(check_readiness(
         store,
+        database_ready.clone(),
+        draining.clone(),
+    ));
+    let state = HttpState {
+        database_ready,
         draining: draining.clone(),
     };
+    let request_timeout = limits.request_timeout;
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(state)
-        .merge(routes);
-    // Webhook answers are small and Kratos waits for each; never hold one back for Nagle.
-    let listener = listener.tap_io(|tcp| {
+        .merge(routes)
+        .layer(axum::middleware::from_fn(
+            move |request: Request, next: Next| within(request_timeout, request, next),
+        ));
+
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = draining.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, say: the next accept may succeed.
+                    tracing::warn!(error = %e, "cannot accept an HTTP connection");
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "HTTP connection refused: IDMAP_HTTP_MAX_CONNECTIONS are open");
+            drop(tcp);
+            continue;
+        };
+        // Webhook answers are small and Kratos waits for each; never hold one back for Nagle.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { draining.cancelled().await })
-        .await
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, %peer, "HTTP connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    // In-flight requests finish (the caller bounds the wait with the grace period); idle
+    // keep-alive connections close now.
+    graceful.shutdown().await;
+    Ok(())
 }
 
-/// Ready while not draining and the database answers.
+/// Runs a request for at most `limit`; past it the answer is 503, which Kratos retries.
+async fn within(limit: Duration, request: Request, next: Next) -> Result<Response, Infallible> {
+    Ok(match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(
+                limit_ms = limit.as_millis() as u64,
+                "HTTP request took longer than IDMAP_HTTP_REQUEST_TIMEOUT"
+            );
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the request took too long; retry\n",
+            )
+                .into_response()
+        }
+    })
+}
+
+/// Keeps `ready` current in the background, so a probe (Kubernetes sends one every few seconds,
+/// per replica and per probe kind) costs no database connection of its own.
+async fn check_readiness(store: Store, ready: Arc<AtomicBool>, draining: CancellationToken) {
+    let mut ticks = tokio::time::interval(READINESS_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = draining.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let answered = tokio::time::timeout(READINESS_INTERVAL, store.ping()).await;
+        let now = matches!(answered, Ok(Ok(())));
+        if ready.swap(now, Ordering::Relaxed) != now {
+            match answered {
+                Ok(Ok(())) => tracing::info!("readiness: database reachable again"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "readiness: database unavailable"),
+                Err(_) => tracing::warn!("readiness: the database did not answer in time"),
+            }
+        }
+    }
+}
+
+/// Ready while not draining and the database answered its last check.
 async fn ready(State(state): State<HttpState>) -> (StatusCode, &'static str) {
     if state.draining.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n");
     }
-    match state.store.ping().await {
-        Ok(()) => (StatusCode::OK, "ready\n"),
-        Err(e) => {
-            tracing::warn!(error = %e, "readiness: database unavailable");
-            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n")
-        }
+    if state.database_ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_past_its_time_is_answered_503() {
+        let app = Router::new()
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    "late"
+                }),
+            )
+            .route("/fast", get(|| async { "ok" }))
+            .layer(axum::middleware::from_fn(|request: Request, next: Next| {
+                within(Duration::from_secs(1), request, next)
+            }));
+        let call = |path: &'static str| {
+            app.clone()
+                .oneshot(Request::get(path).body(axum::body::Body::empty()).unwrap())
+        };
+        assert_eq!(call("/fast").await.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            call("/slow").await.unwrap().status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 }

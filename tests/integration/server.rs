@@ -247,3 +247,77 @@ async fn a_request_larger_than_any_valid_one_is_refused_before_it_is_decoded() {
         "{err:?}"
     );
 }
+
+/// Reads what the server sends on `stream` until it closes the connection.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
+        .await
+        .expect("the server closed the connection")
+        .ok();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_client_that_never_finishes_its_headers_is_disconnected() {
+    use tokio::io::AsyncWriteExt;
+    let env = Env::with(|c| c.http.header_timeout = Duration::from_millis(200)).await;
+    let mut stream = tokio::net::TcpStream::connect(env.server.http_addr)
+        .await
+        .unwrap();
+    // The headers never end (no blank line).
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: idmap\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut stream).await;
+    assert!(!answer.contains("200 OK"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_connections_over_the_cap_are_closed_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = Env::with(|c| c.http.max_connections = 1).await;
+    let request = b"GET /healthz HTTP/1.1\r\nHost: idmap\r\n\r\n";
+
+    // The one connection allowed, kept open (HTTP/1.1 keep-alive) after its answer.
+    let mut first = tokio::net::TcpStream::connect(env.server.http_addr)
+        .await
+        .unwrap();
+    first.write_all(request).await.unwrap();
+    let mut buf = [0u8; 256];
+    let n = first.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
+
+    // A second one is closed without an answer.
+    let mut second = tokio::net::TcpStream::connect(env.server.http_addr)
+        .await
+        .unwrap();
+    let _ = second.write_all(request).await;
+    let answer = read_until_closed(&mut second).await;
+    assert!(answer.is_empty(), "{answer}");
+
+    // Once the first closes, its place is free again (the server notices the close in its own
+    // time, so ask until it has).
+    drop(first);
+    let answered = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let mut again = tokio::net::TcpStream::connect(env.server.http_addr)
+                .await
+                .unwrap();
+            let _ = again.write_all(request).await;
+            let mut buf = [0u8; 256];
+            if let Ok(n) = again.read(&mut buf).await
+                && String::from_utf8_lossy(&buf[..n]).contains("200 OK")
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        answered.is_ok(),
+        "the freed connection slot was never reused"
+    );
+}
