@@ -4,13 +4,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use std::future::Future;
 use std::pin::Pin;
 
 use futures_util::future::{Either, Ready};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::body::Body;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -44,14 +44,34 @@ const fn max(a: usize, b: usize) -> usize {
 /// while it is busy.
 #[derive(Debug, Clone)]
 pub struct InFlightLimit {
-    permits: Arc<Semaphore>,
+    in_flight: Arc<AtomicUsize>,
+    max: usize,
 }
 
 impl InFlightLimit {
     pub fn new(max_in_flight: usize) -> Self {
         Self {
-            permits: Arc::new(Semaphore::new(max_in_flight)),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            max: max_in_flight,
         }
+    }
+}
+
+/// One call's place under the limit, given back when dropped. A counter rather than a semaphore:
+/// nothing ever waits for a place, and a semaphore's release takes a lock on every call.
+pub struct Place(Arc<AtomicUsize>);
+
+impl Place {
+    fn take(limit: &InFlightLimit) -> Option<Self> {
+        let before = limit.in_flight.fetch_add(1, Ordering::AcqRel);
+        let place = Self(limit.in_flight.clone());
+        (before < limit.max).then_some(place)
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -60,7 +80,7 @@ impl<S> tower::Layer<S> for InFlightLimit {
 
     fn layer(&self, inner: S) -> Self::Service {
         Limited {
-            permits: self.permits.clone(),
+            limit: self.clone(),
             inner,
         }
     }
@@ -69,7 +89,7 @@ impl<S> tower::Layer<S> for InFlightLimit {
 /// A gRPC service behind [`InFlightLimit`].
 #[derive(Debug, Clone)]
 pub struct Limited<S> {
-    permits: Arc<Semaphore>,
+    limit: InFlightLimit,
     inner: S,
 }
 
@@ -91,13 +111,13 @@ where
         if request.uri().path().starts_with("/grpc.health.v1.Health/") {
             return Either::Left(Either::Left(self.inner.call(request)));
         }
-        match self.permits.clone().try_acquire_owned() {
-            // The permit is returned when the answer is ready (for a unary call: when it is done).
-            Ok(permit) => Either::Left(Either::Right(WithPermit {
+        match Place::take(&self.limit) {
+            // The place is given back when the answer is ready (for a unary call: when it is done).
+            Some(place) => Either::Left(Either::Right(WithPermit {
                 call: self.inner.call(request),
-                permit: Some(permit),
+                permit: Some(place),
             })),
-            Err(_) => {
+            None => {
                 tracing::warn!(
                     path = request.uri().path(),
                     "call shed: IDMAP_GRPC_MAX_IN_FLIGHT calls already in progress"
@@ -122,7 +142,7 @@ pin_project_lite::pin_project! {
     pub struct WithPermit<F> {
         #[pin]
         call: F,
-        permit: Option<OwnedSemaphorePermit>,
+        permit: Option<Place>,
     }
 }
 
