@@ -303,10 +303,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         .map(|a| report::shell_quote(&a))
         .collect::<Vec<_>>()
         .join(" ");
-    match &args.target {
-        Some(target) => external(&args, target, &mut report).await?,
-        None => in_process(&args, &mut report).await?,
+    let measured = match &args.target {
+        Some(target) => external(&args, target, &mut report).await,
+        None => in_process(&args, &mut report).await,
+    };
+    if args.api_key.is_some() && args.target.is_none() {
+        let _ = std::fs::remove_file(callers_file_path());
     }
+    measured?;
     if let Some(peak) = report::peak_rss_bytes() {
         report.note(format!(
             "peak RSS of this process: {}{}",
@@ -602,11 +606,14 @@ fn base_config(args: &BenchArgs, db: &Database, emulator: &Emulator) -> anyhow::
     Ok(config)
 }
 
+fn callers_file_path() -> PathBuf {
+    std::env::temp_dir().join(format!("idmap-bench-callers-{}.toml", std::process::id()))
+}
+
 /// A callers file granting the holder of `key` every RPC, written once per process.
 fn callers_file_for(key: &str) -> anyhow::Result<PathBuf> {
     use sha2::Digest;
-    let path =
-        std::env::temp_dir().join(format!("idmap-bench-callers-{}.toml", std::process::id()));
+    let path = callers_file_path();
     let hash = hex::encode(sha2::Sha256::digest(key.as_bytes()));
     std::fs::write(
         &path,
