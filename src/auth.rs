@@ -31,7 +31,7 @@ pub struct Caller {
 }
 
 /// What a request shows of its caller.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Evidence<'a> {
     /// The bearer key of `Authorization: Bearer <key>`.
     pub api_key: Option<&'a str>,
@@ -87,10 +87,12 @@ impl CallerPolicy {
     }
 
     /// Decides a call. `Ok(None)`: allowed without an identity (open access, or any caller).
-    pub fn authorize(
+    /// The evidence is read only when the decision needs it: not for health checks, and not when
+    /// any caller is allowed.
+    pub fn authorize<'e>(
         &self,
         access: Access<'_>,
-        evidence: &Evidence<'_>,
+        evidence: impl FnOnce() -> Evidence<'e>,
     ) -> Result<Option<Caller>, Denied> {
         let callers = match self {
             Self::AnyCaller => return Ok(None),
@@ -99,9 +101,10 @@ impl CallerPolicy {
         if access == Access::Open {
             return Ok(None);
         }
-        let Some(entry) = callers.identify(evidence) else {
+        let evidence = evidence();
+        let Some(entry) = callers.identify(&evidence) else {
             return Err(Denied::Unauthenticated {
-                shown: shown(evidence),
+                shown: shown(&evidence),
             });
         };
         let caller = Caller {
@@ -334,12 +337,12 @@ rpcs = ["*"]
             ..Evidence::default()
         };
         let allowed = policy
-            .authorize(Access::Rpc("ResolveSession"), &bff)
+            .authorize(Access::Rpc("ResolveSession"), || bff.clone())
             .unwrap()
             .unwrap();
         assert_eq!(&*allowed.name, "web-bff");
         assert_eq!(
-            policy.authorize(Access::Rpc("LinkIdentity"), &bff),
+            policy.authorize(Access::Rpc("LinkIdentity"), || bff.clone()),
             Err(Denied::NotAllowed {
                 caller: allowed.clone(),
                 rpc: "LinkIdentity".into()
@@ -349,28 +352,29 @@ rpcs = ["*"]
             api_key: Some("bo-secret-key"),
             ..Evidence::default()
         };
-        assert!(policy.authorize(Access::Rpc("LinkIdentity"), &bo).is_ok());
+        assert!(
+            policy
+                .authorize(Access::Rpc("LinkIdentity"), || bo.clone())
+                .is_ok()
+        );
         let wrong = Evidence {
             api_key: Some("guess"),
             ..Evidence::default()
         };
         let Err(Denied::Unauthenticated { shown }) =
-            policy.authorize(Access::Rpc("ResolveSession"), &wrong)
+            policy.authorize(Access::Rpc("ResolveSession"), || wrong.clone())
         else {
             panic!("an unknown key was accepted");
         };
         assert!(!shown.contains("guess"), "{shown}");
         // Health needs nothing; reflection needs an identity, any.
-        assert_eq!(
-            policy.authorize(Access::Open, &Evidence::default()),
-            Ok(None)
-        );
+        assert_eq!(policy.authorize(Access::Open, Evidence::default), Ok(None));
         assert!(
             policy
-                .authorize(Access::Identified, &Evidence::default())
+                .authorize(Access::Identified, Evidence::default)
                 .is_err()
         );
-        assert!(policy.authorize(Access::Identified, &bff).is_ok());
+        assert!(policy.authorize(Access::Identified, || bff.clone()).is_ok());
     }
 
     #[test]
@@ -417,7 +421,7 @@ rpcs = ["*"]
         };
         let policy = CallerPolicy::from_settings(&any).unwrap();
         assert_eq!(
-            policy.authorize(Access::Rpc("LinkIdentity"), &Evidence::default()),
+            policy.authorize(Access::Rpc("LinkIdentity"), Evidence::default),
             Ok(None)
         );
     }

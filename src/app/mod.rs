@@ -101,8 +101,20 @@ impl App {
         http: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let grace = self.config.shutdown_grace;
         let policy = CallerPolicy::from_settings(&self.config.callers)?;
+        self.serve_as(policy, grpc, http, shutdown).await
+    }
+
+    /// [`App::serve`] with the caller policy already read from the settings (`idmap serve` reads
+    /// it before anything else, so a bad callers file costs no connection).
+    pub async fn serve_as(
+        self,
+        policy: CallerPolicy,
+        grpc: TcpListener,
+        http: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let grace = self.config.shutdown_grace;
         if matches!(policy, CallerPolicy::AnyCaller) {
             tracing::warn!(
                 "IDMAP_ALLOW_ANY_CALLER: any caller that reaches the gRPC port may call every RPC"

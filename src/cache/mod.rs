@@ -300,9 +300,7 @@ impl Caches {
                 return Ok(entry);
             }
             self.sessions.invalidate(&key).await;
-            if let Some(stale) = &self.stale {
-                stale.invalidate(&key).await;
-            }
+            self.drop_stale(&key).await;
             if loads == MAX_LOADS {
                 return Ok(entry);
             }
@@ -376,9 +374,7 @@ impl Caches {
     pub async fn evict_session_key(&self, key: &SessionKey) {
         self.session_evictions.record(SessionTarget::Key(*key));
         self.sessions.invalidate(key).await;
-        if let Some(stale) = &self.stale {
-            stale.invalidate(key).await;
-        }
+        self.drop_stale(key).await;
     }
 
     /// Evicts every entry of a session, whichever credential it was cached under.

@@ -7,10 +7,11 @@ use crate::store::migrate;
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::from_serve_args(args)?;
     // Before anything else, so a missing decision or a bad callers file costs no connection.
-    CallerPolicy::from_settings(&config.callers)?;
+    let policy = CallerPolicy::from_settings(&config.callers)?;
     let app = crate::App::build(config).await?;
     let (grpc, http) = crate::app::bind(app.config()).await?;
-    app.serve(grpc, http, crate::shutdown::signal()).await
+    app.serve_as(policy, grpc, http, crate::shutdown::signal())
+        .await
 }
 
 pub async fn migrate(args: DatabaseArgs) -> anyhow::Result<()> {

@@ -195,16 +195,12 @@ fn parse_cookie_name(value: &str) -> Result<String, InvalidValue> {
     }
 }
 
-fn parse_limit(value: &str) -> Result<u32, InvalidValue> {
-    match value.trim().parse::<u32>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err("must be a whole number of at least 1".into()),
-    }
-}
-
-fn parse_cache_size(value: &str) -> Result<u64, InvalidValue> {
-    match value.trim().parse::<u64>() {
-        Ok(n) if n >= 1 => Ok(n),
+/// A count of at least one (cache entries, connections, calls).
+fn parse_at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(
+    value: &str,
+) -> Result<T, InvalidValue> {
+    match value.trim().parse::<T>() {
+        Ok(n) if n >= T::from(1) => Ok(n),
         _ => Err("must be a whole number of at least 1".into()),
     }
 }
@@ -300,7 +296,7 @@ pub struct CommonArgs {
     pub session_cache_ttl: Duration,
 
     /// Most sessions kept in memory (BENCHMARKS.md measures the memory each takes).
-    #[arg(long, env = "IDMAP_SESSION_CACHE_MAX_ENTRIES", value_name = "IDMAP_SESSION_CACHE_MAX_ENTRIES", default_value = "100000", value_parser = parse_cache_size)]
+    #[arg(long, env = "IDMAP_SESSION_CACHE_MAX_ENTRIES", value_name = "IDMAP_SESSION_CACHE_MAX_ENTRIES", default_value = "100000", value_parser = parse_at_least_one::<u64>)]
     pub session_cache_max_entries: u64,
 
     /// How long Ory's refusal of a credential (401) is remembered, so floods of bad tokens stay off Ory.
@@ -317,7 +313,7 @@ pub struct CommonArgs {
     pub user_cache_ttl: Duration,
 
     /// Most users kept in memory.
-    #[arg(long, env = "IDMAP_USER_CACHE_MAX_ENTRIES", value_name = "IDMAP_USER_CACHE_MAX_ENTRIES", default_value = "100000", value_parser = parse_cache_size)]
+    #[arg(long, env = "IDMAP_USER_CACHE_MAX_ENTRIES", value_name = "IDMAP_USER_CACHE_MAX_ENTRIES", default_value = "100000", value_parser = parse_at_least_one::<u64>)]
     pub user_cache_max_entries: u64,
 
     /// Most whoami calls per second idmap makes to Ory (0: no limit). Set it below your Ory plan's
@@ -379,12 +375,12 @@ pub struct CommonArgs {
     pub trusted_caller_header: Option<TrustedHeader>,
 
     /// Most calls one gRPC connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
-    #[arg(long, env = "IDMAP_GRPC_MAX_CONCURRENT_STREAMS", value_name = "IDMAP_GRPC_MAX_CONCURRENT_STREAMS", default_value = "256", value_parser = parse_limit)]
+    #[arg(long, env = "IDMAP_GRPC_MAX_CONCURRENT_STREAMS", value_name = "IDMAP_GRPC_MAX_CONCURRENT_STREAMS", default_value = "256", value_parser = parse_at_least_one::<u32>)]
     pub grpc_max_concurrent_streams: u32,
 
     /// Most gRPC calls in progress across all connections; past it, calls are refused at once with
     /// RESOURCE_EXHAUSTED rather than queued (health checks are exempt).
-    #[arg(long, env = "IDMAP_GRPC_MAX_IN_FLIGHT", value_name = "IDMAP_GRPC_MAX_IN_FLIGHT", default_value = "4096", value_parser = parse_limit)]
+    #[arg(long, env = "IDMAP_GRPC_MAX_IN_FLIGHT", value_name = "IDMAP_GRPC_MAX_IN_FLIGHT", default_value = "4096", value_parser = parse_at_least_one::<u32>)]
     pub grpc_max_in_flight: u32,
 
     /// How often an idle gRPC connection is pinged (HTTP/2 keepalive), so dead peers and silently
@@ -408,7 +404,7 @@ pub struct CommonArgs {
     pub http_request_timeout: Duration,
 
     /// Most HTTP connections open at once; one more is closed as soon as it is accepted.
-    #[arg(long, env = "IDMAP_HTTP_MAX_CONNECTIONS", value_name = "IDMAP_HTTP_MAX_CONNECTIONS", default_value = "1024", value_parser = parse_limit)]
+    #[arg(long, env = "IDMAP_HTTP_MAX_CONNECTIONS", value_name = "IDMAP_HTTP_MAX_CONNECTIONS", default_value = "1024", value_parser = parse_at_least_one::<u32>)]
     pub http_max_connections: u32,
 }
 

@@ -3,18 +3,14 @@
 //! (`auth.rs`), and answers a refusal itself, so no handler runs for it. An allowed caller travels
 //! on in the request's extensions.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::HeaderMap;
 use tonic::body::Body;
-use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::auth::{Access, CallerPolicy, Denied, Evidence};
+use crate::auth::{Access, CallerPolicy, Evidence};
 use crate::config::TrustedHeader;
-use crate::error::reason;
 
 /// The policy and the mesh header to trust, shared by every connection.
 #[derive(Debug, Clone)]
@@ -69,10 +65,11 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let path = request.uri().path();
         let access = access_of(path);
-        let decision = {
-            let evidence = evidence(request.headers(), self.auth.trusted_header);
-            self.auth.policy.authorize(access, &evidence)
-        };
+        let trusted = self.auth.trusted_header;
+        let decision = self
+            .auth
+            .policy
+            .authorize(access, || evidence(request.headers(), trusted));
         match decision {
             Ok(caller) => {
                 if let Some(caller) = caller {
@@ -81,7 +78,7 @@ where
                 futures_util::future::Either::Left(self.inner.call(request))
             }
             Err(denied) => {
-                let status = refusal(path, denied);
+                let status = super::status::caller_refused(path, denied);
                 futures_util::future::Either::Right(std::future::ready(Ok(status.into_http())))
             }
         }
@@ -176,39 +173,6 @@ fn split_outside_quotes(value: &str, separator: char) -> Vec<String> {
     }
     parts.push(current);
     parts
-}
-
-/// The status a refused call gets, logged with who was refused (never with a key).
-fn refusal(path: &str, denied: Denied) -> Status {
-    match denied {
-        Denied::Unauthenticated { shown } => {
-            tracing::warn!(path, presented = %shown, "call refused: no accepted caller identity");
-            Status::with_error_details(
-                Code::Unauthenticated,
-                "the call carries no caller identity idmap accepts (a client certificate, an API key or a trusted mesh identity); this is about the calling service, not a person's session",
-                ErrorDetails::with_error_info(
-                    reason::CALLER_UNAUTHENTICATED,
-                    crate::grpc::status::DOMAIN,
-                    HashMap::new(),
-                ),
-            )
-        }
-        Denied::NotAllowed { caller, rpc } => {
-            tracing::warn!(path, caller = %caller.name, "call refused: caller not allowed this RPC");
-            Status::with_error_details(
-                Code::PermissionDenied,
-                format!("caller {} may not call {rpc}", caller.name),
-                ErrorDetails::with_error_info(
-                    reason::CALLER_NOT_ALLOWED,
-                    crate::grpc::status::DOMAIN,
-                    HashMap::from([
-                        ("caller".to_owned(), caller.name.to_string()),
-                        ("rpc".to_owned(), rpc),
-                    ]),
-                ),
-            )
-        }
-    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,6 @@
 //! accepts, and a server-wide cap on calls in progress that sheds load at once instead of queueing
 //! it without bound.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
@@ -12,11 +11,8 @@ use std::pin::Pin;
 
 use futures_util::future::{Either, Ready};
 use tonic::body::Body;
-use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::domain::{MAX_COOKIE_HEADER_BYTES, MAX_EXTERNAL_ID_BYTES, MAX_SESSION_TOKEN_BYTES};
-use crate::error::reason;
 use crate::service::MAX_BATCH_IDS;
 
 /// The largest encoded request of an RPC that can be valid: a BatchGetUsers of every id it may
@@ -118,19 +114,7 @@ where
                 permit: Some(place),
             })),
             None => {
-                tracing::warn!(
-                    path = request.uri().path(),
-                    "call shed: IDMAP_GRPC_MAX_IN_FLIGHT calls already in progress"
-                );
-                let status = Status::with_error_details(
-                    Code::ResourceExhausted,
-                    "idmap is at its limit of calls in progress; retry with backoff",
-                    ErrorDetails::with_error_info(
-                        reason::SERVER_OVERLOADED,
-                        super::status::DOMAIN,
-                        HashMap::new(),
-                    ),
-                );
+                let status = super::status::overloaded(request.uri().path());
                 Either::Right(futures_util::future::ready(Ok(status.into_http())))
             }
         }

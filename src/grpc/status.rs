@@ -1,4 +1,4 @@
-//! The one mapping from [`Error`] to `tonic::Status`, with machine-readable details
+//! The one mapping from [`Error`] (and the edge's own refusals) to `tonic::Status`, with machine-readable details
 //! (`google.rpc.ErrorInfo`, `BadRequest`, `ResourceInfo`, `RetryInfo`).
 
 use std::collections::HashMap;
@@ -6,12 +6,13 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::auth::Denied;
 use crate::error::{Error, reason};
 
 /// The `ErrorInfo.domain` of every error idmap raises, those that pass Ory's error id through as
 /// their reason included: callers match on one domain (the proto's contract), and the reason alone
 /// says whether it came from Ory (lower case, Ory's own id) or from idmap (upper case).
-pub(super) const DOMAIN: &str = "idmap";
+const DOMAIN: &str = "idmap";
 
 /// PERMISSION_DENIED's reason when Ory refused the session without an error id.
 const FORBIDDEN_WITHOUT_ID: &str = "forbidden";
@@ -99,6 +100,47 @@ pub fn to_status(error: Error) -> Status {
             )
         }
     }
+}
+
+/// A call the caller check refused, logged with who was refused (never with a key).
+pub(super) fn caller_refused(path: &str, denied: Denied) -> Status {
+    match denied {
+        Denied::Unauthenticated { shown } => {
+            tracing::warn!(path, presented = %shown, "call refused: no accepted caller identity");
+            Status::with_error_details(
+                Code::Unauthenticated,
+                "the call carries no caller identity idmap accepts (a client certificate, an API key or a trusted mesh identity); this is about the calling service, not a person's session",
+                info(reason::CALLER_UNAUTHENTICATED, HashMap::new()),
+            )
+        }
+        Denied::NotAllowed { caller, rpc } => {
+            tracing::warn!(path, caller = %caller.name, "call refused: caller not allowed this RPC");
+            Status::with_error_details(
+                Code::PermissionDenied,
+                format!("caller {} may not call {rpc}", caller.name),
+                info(
+                    reason::CALLER_NOT_ALLOWED,
+                    HashMap::from([
+                        ("caller".to_owned(), caller.name.to_string()),
+                        ("rpc".to_owned(), rpc),
+                    ]),
+                ),
+            )
+        }
+    }
+}
+
+/// A call shed because IDMAP_GRPC_MAX_IN_FLIGHT calls are in progress.
+pub(super) fn overloaded(path: &str) -> Status {
+    tracing::warn!(
+        path,
+        "call shed: IDMAP_GRPC_MAX_IN_FLIGHT calls already in progress"
+    );
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        "idmap is at its limit of calls in progress; retry with backoff",
+        info(reason::SERVER_OVERLOADED, HashMap::new()),
+    )
 }
 
 fn error_message(violations: &[crate::domain::FieldViolation]) -> String {
