@@ -41,6 +41,8 @@ pub struct Evidence<'a> {
     /// DNS SANs of a verified client certificate, or the identity of a trusted mesh header
     /// (Linkerd's `l5d-client-id`).
     pub dns_names: Vec<String>,
+    /// The subject of a verified client certificate, for the log when it names no caller.
+    pub certificate_subject: Option<&'a str>,
 }
 
 /// Why a call is refused.
@@ -126,6 +128,9 @@ fn shown(evidence: &Evidence<'_>) -> String {
     let mut parts: Vec<String> = Vec::new();
     parts.extend(evidence.spiffe_ids.iter().map(|id| format!("uri {id}")));
     parts.extend(evidence.dns_names.iter().map(|name| format!("dns {name}")));
+    if let Some(subject) = evidence.certificate_subject {
+        parts.push(format!("a certificate for {subject:?}"));
+    }
     if evidence.api_key.is_some() {
         parts.push("an unknown API key".to_owned());
     }

@@ -15,12 +15,16 @@ use tokio::time::Instant;
 
 use crate::auth::CallerPolicy;
 use crate::cache::Caches;
-use crate::config::{Config, ENV_DATABASE_URL, ENV_GRPC_ADDR, ENV_HTTP_ADDR};
+use crate::config::{
+    Config, ConfigError, ENV_DATABASE_URL, ENV_GRPC_ADDR, ENV_HTTP_ADDR, ENV_TLS_CERT,
+    ENV_TLS_CLIENT_CA, ENV_TLS_KEY, ListenerTlsFiles,
+};
+use crate::tls::{ServerTls, ServerTlsFiles, TlsError};
 use crate::grpc::CallerAuth;
 use crate::jobs::Jobs;
 use crate::ory::KratosClient;
 use crate::service::IdentityMapper;
-use crate::store::{Store, migrate};
+use crate::store::{Database, Store, migrate};
 use server::GrpcServer;
 use tasks::Background;
 
@@ -29,6 +33,8 @@ pub use server::SERVICE_NAME;
 /// Everything the server needs, built once.
 pub struct App {
     config: Config,
+    /// TLS of both listeners, when configured.
+    tls: Option<Arc<ServerTls>>,
     store: Store,
     ory: KratosClient,
     mapper: Arc<IdentityMapper>,
@@ -39,13 +45,23 @@ impl App {
     /// Builds the clients and checks the database: reachable, and migrated to this binary's schema.
     /// Binds nothing, so a failure here leaves no port behind.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let store = Store::new(&config.database_url, &config.pool)
+        let database = Database::new(&config.database_url).map_err(|e| ConfigError::Unusable {
+            setting: ENV_DATABASE_URL,
+            problem: e.to_string(),
+        })?;
+        let tls = match &config.tls.files {
+            Some(files) => Some(Arc::new(load_tls(files)?)),
+            None => None,
+        };
+        let store = Store::new(&database, &config.pool)
             .with_context(|| format!("{ENV_DATABASE_URL} is not usable"))?;
-        store
-            .ping()
-            .await
-            .with_context(|| format!("cannot reach the database at {ENV_DATABASE_URL}"))?;
-        let pending = migrate::pending(&config.database_url).await?;
+        store.ping().await.with_context(|| {
+            format!(
+                "cannot reach the database at {ENV_DATABASE_URL} ({})",
+                database.target()
+            )
+        })?;
+        let pending = migrate::pending(&database).await?;
         if !pending.is_empty() {
             anyhow::bail!(
                 "the database schema is behind this binary ({} pending migration(s): {}); run `idmap migrate` first",
@@ -65,6 +81,7 @@ impl App {
         ));
         Ok(Self {
             config,
+            tls,
             store,
             ory,
             mapper,
@@ -123,7 +140,19 @@ impl App {
         let auth = CallerAuth::new(policy, self.config.callers.trusted_header);
         let server = GrpcServer::build(self.mapper.clone(), auth, &self.config.grpc).await?;
         let background = Background::start(&self, http).await?;
-        tracing::info!(grpc = ?grpc.local_addr().ok(), "serving");
+        if let Some(tls) = &self.tls {
+            let draining = background.draining.clone();
+            tokio::spawn(
+                tls.clone()
+                    .watch(self.config.tls.reload_interval, draining.cancelled_owned()),
+            );
+        }
+        tracing::info!(
+            grpc = ?grpc.local_addr().ok(),
+            tls = self.tls.is_some(),
+            client_certificates = self.tls.as_ref().is_some_and(|t| t.requires_client_certificates()),
+            "serving"
+        );
 
         let drain_started = Arc::new(OnceLock::new());
         let signal = {
@@ -144,7 +173,7 @@ impl App {
             }
         };
         let draining = background.draining.clone();
-        let serving = server.serve(grpc, signal);
+        let serving = server.serve(grpc, self.tls.clone(), signal);
         let mut serving = std::pin::pin!(serving);
         let result = tokio::select! {
             r = &mut serving => r,
@@ -161,6 +190,34 @@ impl App {
         tracing::info!("stopped");
         result
     }
+}
+
+/// Reads the listeners' TLS files; a file that cannot be used names its setting.
+fn load_tls(files: &ListenerTlsFiles) -> Result<ServerTls, ConfigError> {
+    ServerTls::load(ServerTlsFiles {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        client_ca: files.client_ca.clone(),
+    })
+    .map_err(|e| {
+        let setting = match &e {
+            TlsError::Read { path, .. } | TlsError::Pem { path, .. }
+                if files.client_ca.as_ref().is_some_and(|ca| ca.display().to_string() == *path) =>
+            {
+                ENV_TLS_CLIENT_CA
+            }
+            TlsError::Read { path, .. } | TlsError::Pem { path, .. }
+                if files.key.display().to_string() == *path =>
+            {
+                ENV_TLS_KEY
+            }
+            _ => ENV_TLS_CERT,
+        };
+        ConfigError::Unusable {
+            setting,
+            problem: e.to_string(),
+        }
+    })
 }
 
 /// Binds both listeners, naming the setting when an address is unusable.

@@ -14,6 +14,7 @@ use crate::config::GrpcSettings;
 use crate::grpc::{CallerAuth, IdentityApi, InFlightLimit, MAX_REQUEST_BYTES};
 use crate::proto::{self, api::identity_service_server::IdentityServiceServer};
 use crate::service::IdentityMapper;
+use crate::tls::ServerTls;
 
 /// The name health checks use for the business service.
 pub const SERVICE_NAME: &str = "idmap.v1.IdentityService";
@@ -81,10 +82,11 @@ impl GrpcServer {
     pub async fn serve(
         self,
         listener: TcpListener,
+        tls: Option<Arc<ServerTls>>,
         signal: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         self.router
-            .serve_with_incoming_shutdown(crate::grpc::incoming(listener), signal)
+            .serve_with_incoming_shutdown(crate::grpc::incoming(listener, tls), signal)
             .await
             .map_err(anyhow::Error::from)
     }

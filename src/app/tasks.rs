@@ -41,7 +41,7 @@ impl Background {
         let (listening_tx, mut listening) = tokio::sync::watch::channel(false);
         let listener = tokio::spawn(crate::worker::listener::run(
             app.mapper.invalidator().clone(),
-            app.config.database_url.clone(),
+            app.store.clone(),
             listening_tx,
             stop.child_token(),
         ));
@@ -68,6 +68,7 @@ impl Background {
             crate::http::hooks::router(app.mapper.clone(), &app.config.hooks),
             draining.clone(),
             app.config.http.clone(),
+            app.tls.clone(),
         ));
         Ok(Self {
             stop,

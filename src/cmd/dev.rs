@@ -13,7 +13,7 @@ use kratos_emulator::{Emulator, EmulatorConfig};
 use secrecy::SecretString;
 
 use crate::config::{CommonArgs, Config, ENV_DATABASE_URL, ENV_DEV_ORY_ADDR, parse_database_url};
-use crate::store::migrate;
+use crate::store::{Database, migrate};
 
 /// Settings of `idmap dev`.
 #[derive(Debug, Clone, Args)]
@@ -47,7 +47,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             (SecretString::from(cluster.url()), Some(cluster))
         }
     };
-    migrate::run_pending(&database_url).await?;
+    let database = Database::new(&database_url)
+        .with_context(|| format!("{ENV_DATABASE_URL} is not usable"))?;
+    migrate::run_pending(&database).await?;
 
     let emulator = Emulator::start(args.ory_addr, EmulatorConfig::default())
         .await

@@ -2,7 +2,10 @@
 
 use crate::auth::CallerPolicy;
 use crate::config::{Config, DatabaseArgs, ServeArgs};
-use crate::store::migrate;
+use anyhow::Context;
+
+use crate::config::ENV_DATABASE_URL;
+use crate::store::{Database, migrate};
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::from_serve_args(args)?;
@@ -15,7 +18,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 pub async fn migrate(args: DatabaseArgs) -> anyhow::Result<()> {
-    let applied = migrate::run_pending(&args.database_url).await?;
+    let database = Database::new(&args.database_url)
+        .with_context(|| format!("{ENV_DATABASE_URL} is not usable"))?;
+    let applied = migrate::run_pending(&database).await?;
     if applied.is_empty() {
         tracing::info!("the database is up to date");
     } else {

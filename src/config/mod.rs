@@ -15,10 +15,14 @@ mod settings;
 
 pub use settings::{
     CacheSettings, CallerSettings, DEFAULT_HEADER, GrpcSettings, HookSettings, HttpSettings,
-    OryConfig, OutboxSettings, PendingSettings, PoolOptions, ServiceSettings, TrustedHeader,
+    ListenerTlsFiles, OryConfig, OutboxSettings, PendingSettings, PoolOptions, ServiceSettings,
+    TlsSettings, TrustedHeader,
 };
 
 pub const ENV_DATABASE_URL: &str = "DATABASE_URL";
+pub const ENV_TLS_CERT: &str = "IDMAP_TLS_CERT";
+pub const ENV_TLS_KEY: &str = "IDMAP_TLS_KEY";
+pub const ENV_TLS_CLIENT_CA: &str = "IDMAP_TLS_CLIENT_CA";
 pub const ENV_ORY_PUBLIC_URL: &str = "ORY_PUBLIC_URL";
 pub const ENV_ORY_ADMIN_URL: &str = "ORY_ADMIN_URL";
 pub const ENV_ORY_API_KEY: &str = "ORY_API_KEY";
@@ -53,6 +57,13 @@ pub enum ConfigError {
         line: Option<usize>,
         problem: String,
     },
+    /// A setting names something unusable: a TLS file that does not parse, a root certificate
+    /// that cannot be read.
+    #[error("{setting}: {problem}")]
+    Unusable {
+        setting: &'static str,
+        problem: String,
+    },
 }
 
 impl ConfigError {
@@ -61,6 +72,7 @@ impl ConfigError {
         match self {
             Self::Conflict { setting, .. } => setting,
             Self::CallersFile { .. } => ENV_CALLERS,
+            Self::Unusable { setting, .. } => setting,
         }
     }
 }
@@ -151,6 +163,14 @@ pub fn parse_database_url(value: &str) -> Result<SecretString, InvalidValue> {
     })?;
     if !matches!(url.scheme(), "postgres" | "postgresql") {
         return Err("must start with postgres:// or postgresql://".into());
+    }
+    // libpq's modes (store/connect.rs gives them their meaning); anything else is a typo that
+    // would otherwise weaken or break the connection later.
+    const SSL_MODES: [&str; 5] = ["disable", "prefer", "require", "verify-ca", "verify-full"];
+    for (key, value) in url.query_pairs() {
+        if key == "sslmode" && !SSL_MODES.contains(&value.as_ref()) {
+            return Err(format!("sslmode={value} is not one of {}", SSL_MODES.join(", ")).into());
+        }
     }
     Ok(SecretString::from(value.trim().to_owned()))
 }
@@ -406,6 +426,61 @@ pub struct CommonArgs {
     /// Most HTTP connections open at once; one more is closed as soon as it is accepted.
     #[arg(long, env = "IDMAP_HTTP_MAX_CONNECTIONS", value_name = "IDMAP_HTTP_MAX_CONNECTIONS", default_value = "1024", value_parser = parse_at_least_one::<u32>)]
     pub http_max_connections: u32,
+
+    /// PEM certificate chain (leaf first) the gRPC and HTTP listeners present; with
+    /// IDMAP_TLS_KEY, both speak TLS only. Re-read when the file changes.
+    #[arg(long, env = ENV_TLS_CERT, value_name = ENV_TLS_CERT)]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of IDMAP_TLS_CERT.
+    #[arg(long, env = ENV_TLS_KEY, value_name = ENV_TLS_KEY)]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// PEM CA certificates: gRPC clients must present a certificate signed by one (mTLS), and its
+    /// URI SAN (SPIFFE id) or DNS SAN names the caller in IDMAP_CALLERS.
+    #[arg(long, env = ENV_TLS_CLIENT_CA, value_name = ENV_TLS_CLIENT_CA)]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+
+    /// How often the TLS files are compared with what is in use, so a rotated certificate is
+    /// picked up by new connections.
+    #[arg(long, env = "IDMAP_TLS_RELOAD_INTERVAL", value_name = "IDMAP_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_positive_duration)]
+    pub tls_reload_interval: Duration,
+}
+
+impl TlsSettings {
+    /// TLS on the listeners: a certificate needs its key, and client CAs need a certificate.
+    fn new(common: &CommonArgs) -> Result<Self, ConfigError> {
+        let files = match (&common.tls_cert, &common.tls_key) {
+            (Some(cert), Some(key)) => Some(ListenerTlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: common.tls_client_ca.clone(),
+            }),
+            (Some(_), None) => {
+                return Err(ConfigError::Conflict {
+                    setting: ENV_TLS_KEY,
+                    requirement: "must be set with IDMAP_TLS_CERT (the certificate's private key)",
+                });
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Conflict {
+                    setting: ENV_TLS_CERT,
+                    requirement: "must be set with IDMAP_TLS_KEY (the certificate the key belongs to)",
+                });
+            }
+            (None, None) if common.tls_client_ca.is_some() => {
+                return Err(ConfigError::Conflict {
+                    setting: ENV_TLS_CLIENT_CA,
+                    requirement: "needs IDMAP_TLS_CERT and IDMAP_TLS_KEY: client certificates are asked for only over TLS",
+                });
+            }
+            (None, None) => None,
+        };
+        Ok(Self {
+            files,
+            reload_interval: common.tls_reload_interval,
+        })
+    }
 }
 
 /// The validated configuration the server runs with.
@@ -425,6 +500,7 @@ pub struct Config {
     pub callers: CallerSettings,
     pub grpc: GrpcSettings,
     pub http: HttpSettings,
+    pub tls: TlsSettings,
 }
 
 impl Config {
@@ -447,6 +523,7 @@ impl Config {
                 requirement: "must be smaller than IDMAP_DB_POOL_SIZE (the rest serve writes and batches)",
             });
         }
+        let tls = TlsSettings::new(&common)?;
         let admin_url = ory_admin_url.unwrap_or_else(|| ory_public_url.clone());
         if common.ory_api_key.is_some() && !common.allow_insecure_ory {
             for (setting, url) in [
@@ -519,6 +596,7 @@ impl Config {
                 allow_any_caller: common.allow_any_caller,
                 trusted_header: common.trusted_caller_header,
             },
+            tls,
         })
     }
 

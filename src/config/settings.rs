@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::num::NonZeroU32;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use axum::http::HeaderName;
@@ -203,7 +204,7 @@ impl TrustedHeader {
 /// Who may call: the callers file, or any caller; and the mesh header to trust, if any.
 #[derive(Debug, Clone, Default)]
 pub struct CallerSettings {
-    pub callers_file: Option<std::path::PathBuf>,
+    pub callers_file: Option<PathBuf>,
     pub allow_any_caller: bool,
     pub trusted_header: Option<TrustedHeader>,
 }
@@ -230,4 +231,22 @@ pub struct HttpSettings {
     pub request_timeout: Duration,
     /// Connections open at once.
     pub max_connections: usize,
+}
+
+/// TLS on the gRPC and HTTP listeners.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// `None`: the listeners speak plaintext (a mesh sidecar encrypts, or nothing does).
+    pub files: Option<ListenerTlsFiles>,
+    /// How often the files are compared with what is in use.
+    pub reload_interval: Duration,
+}
+
+/// The PEM files of the listeners' TLS.
+#[derive(Debug, Clone)]
+pub struct ListenerTlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Set: gRPC clients must present a certificate signed by one of these CAs.
+    pub client_ca: Option<PathBuf>,
 }

@@ -11,6 +11,9 @@ use tonic::body::Body;
 
 use crate::auth::{Access, CallerPolicy, Evidence};
 use crate::config::TrustedHeader;
+use crate::tls::PeerCertificate;
+
+use super::incoming::ConnectionInfo;
 
 /// The policy and the mesh header to trust, shared by every connection.
 #[derive(Debug, Clone)]
@@ -66,10 +69,14 @@ where
         let path = request.uri().path();
         let access = access_of(path);
         let trusted = self.auth.trusted_header;
+        let peer = request
+            .extensions()
+            .get::<ConnectionInfo>()
+            .and_then(|info| info.peer.as_deref());
         let decision = self
             .auth
             .policy
-            .authorize(access, || evidence(request.headers(), trusted));
+            .authorize(access, || evidence(request.headers(), peer, trusted));
         match decision {
             Ok(caller) => {
                 if let Some(caller) = caller {
@@ -98,8 +105,12 @@ fn access_of(path: &str) -> Access<'_> {
     }
 }
 
-/// The evidence of who is calling that the request carries.
-fn evidence(headers: &HeaderMap, trusted: Option<TrustedHeader>) -> Evidence<'_> {
+/// The evidence of who is calling that the request and its connection carry.
+fn evidence<'a>(
+    headers: &'a HeaderMap,
+    peer: Option<&'a PeerCertificate>,
+    trusted: Option<TrustedHeader>,
+) -> Evidence<'a> {
     let api_key = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -112,6 +123,11 @@ fn evidence(headers: &HeaderMap, trusted: Option<TrustedHeader>) -> Evidence<'_>
         api_key,
         ..Evidence::default()
     };
+    if let Some(peer) = peer {
+        evidence.spiffe_ids.extend(peer.uris.iter().cloned());
+        evidence.dns_names.extend(peer.dns_names.iter().cloned());
+        evidence.certificate_subject = Some(&peer.subject);
+    }
     match trusted {
         Some(TrustedHeader::XForwardedClientCert) => {
             // Each proxy on the way appends an element; the last is the one of the sidecar in
@@ -209,14 +225,14 @@ mod tests {
         );
         headers.insert(http::header::AUTHORIZATION, "Bearer k3y".parse().unwrap());
 
-        let plain = evidence(&headers, None);
+        let plain = evidence(&headers, None, None);
         assert_eq!(plain.api_key, Some("k3y"));
         assert!(plain.spiffe_ids.is_empty() && plain.dns_names.is_empty());
 
-        let envoy = evidence(&headers, Some(TrustedHeader::XForwardedClientCert));
+        let envoy = evidence(&headers, None, Some(TrustedHeader::XForwardedClientCert));
         assert_eq!(envoy.spiffe_ids, ["spiffe://cluster.local/ns/web/sa/bff"]);
 
-        let linkerd = evidence(&headers, Some(TrustedHeader::L5dClientId));
+        let linkerd = evidence(&headers, None, Some(TrustedHeader::L5dClientId));
         assert_eq!(
             linkerd.dns_names,
             ["bff.web.serviceaccount.identity.linkerd.cluster.local"]

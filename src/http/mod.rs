@@ -27,6 +27,7 @@ pub mod hooks;
 
 use crate::config::HttpSettings;
 use crate::store::Store;
+use crate::tls::ServerTls;
 
 /// How often readiness asks the database, and how long it waits for the answer.
 const READINESS_INTERVAL: Duration = Duration::from_secs(2);
@@ -45,6 +46,7 @@ pub async fn serve(
     routes: Router,
     draining: CancellationToken,
     limits: HttpSettings,
+    tls: Option<Arc<ServerTls>>,
 ) -> std::io::Result<()> {
     let database_ready = Arc::new(AtomicBool::new(true));
     tokio::spawn(check_readiness(
@@ -89,13 +91,30 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout)
-            .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
-        let connection = graceful.watch(connection);
+        let watcher = graceful.watcher();
+        let app = app.clone();
+        let header_timeout = limits.header_timeout;
+        let acceptor = tls.as_ref().map(|tls| tls.http_acceptor());
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let served = match acceptor {
+                None => serve_connection(tcp, app, header_timeout, watcher).await,
+                // The handshake counts against the time to send the headers: both are what a
+                // client must do before idmap does anything for it.
+                Some(acceptor) => {
+                    match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => serve_connection(tls, app, header_timeout, watcher).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(e) = served {
                 tracing::debug!(error = %e, %peer, "HTTP connection ended with an error");
             }
             drop(permit);
@@ -105,6 +124,23 @@ pub async fn serve(
     // keep-alive connections close now.
     graceful.shutdown().await;
     Ok(())
+}
+
+/// Serves HTTP/1.1 on one accepted connection until it closes or the listener drains.
+async fn serve_connection<I>(
+    io: I,
+    app: Router,
+    header_timeout: Duration,
+    watcher: hyper_util::server::graceful::Watcher,
+) -> Result<(), hyper::Error>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+    watcher.watch(connection).await
 }
 
 /// Runs a request for at most `limit`; past it the answer is 503, which Kratos retries.

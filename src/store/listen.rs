@@ -2,12 +2,11 @@
 //! recycled, and a notification arrives only on the connection that listens.
 
 use futures_util::StreamExt;
-use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_postgres::AsyncMessage;
 
-use super::StoreError;
+use super::{Store, StoreError};
 
 /// The payloads of the notifications heard on one channel, in commit order.
 pub struct Notifications {
@@ -18,16 +17,16 @@ pub struct Notifications {
     client: Option<tokio_postgres::Client>,
 }
 
-/// Opens a connection to `database_url` and LISTENs on `channel` (an SQL identifier idmap chose,
-/// never caller input).
-pub async fn listen(
-    database_url: &SecretString,
-    channel: &str,
-) -> Result<Notifications, StoreError> {
-    let (client, mut connection) =
-        tokio_postgres::connect(database_url.expose_secret(), tokio_postgres::NoTls)
-            .await
-            .map_err(StoreError::from_postgres)?;
+impl Store {
+    /// Opens a connection of its own (TLS as DATABASE_URL says) and LISTENs on `channel` (an SQL
+    /// identifier idmap chose, never caller input).
+    pub async fn listen(&self, channel: &str) -> Result<Notifications, StoreError> {
+        listen(self, channel).await
+    }
+}
+
+async fn listen(store: &Store, channel: &str) -> Result<Notifications, StoreError> {
+    let (client, mut connection) = store.database.connect().await?;
     let (tx, payloads) = mpsc::unbounded_channel();
     let pump = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));

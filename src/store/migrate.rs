@@ -6,18 +6,19 @@ use diesel::pg::Pg;
 use diesel_async::AsyncPgConnection;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
-use secrecy::{ExposeSecret, SecretString};
+
+use super::Database;
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
 type SyncConn = AsyncConnectionWrapper<AsyncPgConnection>;
 
 /// Applies pending migrations; returns the versions applied.
-pub async fn run_pending(database_url: &SecretString) -> anyhow::Result<Vec<String>> {
-    let url = database_url.expose_secret().to_owned();
+pub async fn run_pending(database: &Database) -> anyhow::Result<Vec<String>> {
+    let conn = establish(database).await?;
     // diesel's migration harness is synchronous; run it where blocking is allowed.
     tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
-        let mut conn = establish(&url)?;
+        let mut conn = SyncConn::from(conn);
         let applied = conn
             .run_pending_migrations(MIGRATIONS)
             .map_err(|e| anyhow::anyhow!("applying migrations failed: {e}"))?;
@@ -27,10 +28,10 @@ pub async fn run_pending(database_url: &SecretString) -> anyhow::Result<Vec<Stri
 }
 
 /// Migrations embedded in this binary that the database has not applied.
-pub async fn pending(database_url: &SecretString) -> anyhow::Result<Vec<String>> {
-    let url = database_url.expose_secret().to_owned();
+pub async fn pending(database: &Database) -> anyhow::Result<Vec<String>> {
+    let conn = establish(database).await?;
     tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
-        let mut conn = establish(&url)?;
+        let mut conn = SyncConn::from(conn);
         let pending = conn
             .pending_migrations(MIGRATIONS)
             .map_err(|e| anyhow::anyhow!("reading applied migrations failed: {e}"))?;
@@ -46,7 +47,9 @@ pub fn embedded() -> anyhow::Result<Vec<String>> {
     Ok(migrations.iter().map(|m| m.name().to_string()).collect())
 }
 
-fn establish(url: &str) -> anyhow::Result<SyncConn> {
-    use diesel::Connection;
-    SyncConn::establish(url).map_err(|e| anyhow::anyhow!("cannot connect to the database: {e}"))
+async fn establish(database: &Database) -> anyhow::Result<AsyncPgConnection> {
+    database
+        .connect_diesel()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to the database: {e}"))
 }

@@ -6,6 +6,7 @@
 //! diesel errors.
 
 mod backfill_runs;
+mod connect;
 mod listen;
 pub mod migrate;
 mod models;
@@ -22,14 +23,14 @@ use diesel_async::pooled_connection::deadpool::{Object, Pool, PoolError};
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
 };
-use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
 use futures_util::FutureExt;
-use secrecy::{ExposeSecret, SecretString};
 
 pub use crate::config::PoolOptions;
 
 pub use backfill_runs::{BackfillCounts, BackfillRun, RunProgress};
-pub use listen::{Notifications, listen};
+pub use connect::{Database, DatabaseUrlError, SslMode};
+pub use listen::Notifications;
 pub use ory_outbox::{OutboxKind, OutboxRow};
 pub use users::{LinkFacts, LinkResult};
 
@@ -123,6 +124,7 @@ impl From<PoolError> for StoreError {
 pub struct Store {
     pool: Pool<AsyncPgConnection>,
     readers: Arc<Readers>,
+    database: Database,
 }
 
 type Pooled = Object<AsyncPgConnection>;
@@ -146,15 +148,20 @@ struct Readers {
 
 impl Store {
     /// Builds the pool. Connections are opened lazily; call [`Store::ping`] to check the database.
-    pub fn new(database_url: &SecretString, options: &PoolOptions) -> Result<Self, StoreError> {
+    pub fn new(database: &Database, options: &PoolOptions) -> Result<Self, StoreError> {
         let statement_timeout_ms = options.statement_timeout.as_millis();
         let mut config = ManagerConfig::<AsyncPgConnection>::default();
         // The connection's health shows on first use; a test query on every checkout would add a
         // round trip to every request.
         config.recycling_method = RecyclingMethod::Fast;
-        config.custom_setup = Box::new(move |url| {
+        let connect = database.clone();
+        config.custom_setup = Box::new(move |_url| {
+            let database = connect.clone();
             async move {
-                let mut conn = AsyncPgConnection::establish(url).await?;
+                let mut conn = database
+                    .connect_diesel()
+                    .await
+                    .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
                 conn.batch_execute(&format!(
                     "SET application_name = 'idmap'; SET statement_timeout = {statement_timeout_ms}"
                 ))
@@ -164,10 +171,9 @@ impl Store {
             }
             .boxed()
         });
-        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
-            database_url.expose_secret(),
-            config,
-        );
+        // The URL is not used: `custom_setup` connects with `database`.
+        let manager =
+            AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config("", config);
         let pool = Pool::builder(manager)
             .max_size(options.max_size)
             .wait_timeout(Some(options.wait_timeout))
@@ -184,6 +190,7 @@ impl Store {
         Ok(Self {
             pool,
             readers: Arc::new(readers),
+            database: database.clone(),
         })
     }
 

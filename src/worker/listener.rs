@@ -3,18 +3,17 @@
 
 use std::time::Duration;
 
-use secrecy::SecretString;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::invalidation::{CHANNEL, Invalidator};
-use crate::store::{self, StoreError};
+use crate::store::{Store, StoreError};
 
 /// Listens for other replicas' evictions until `shutdown`. `listening` turns true once the first
 /// LISTEN is in place, so a server can wait for it before it serves.
 pub async fn run(
     invalidator: Invalidator,
-    database_url: SecretString,
+    store: Store,
     listening: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
@@ -23,7 +22,7 @@ pub async fn run(
     loop {
         let session = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = listen_once(&invalidator, &database_url, &listening, &mut connected_before) => r,
+            r = listen_once(&invalidator, &store, &listening, &mut connected_before) => r,
         };
         failures = failures.saturating_add(1);
         let delay = Duration::from_millis(100)
@@ -40,11 +39,11 @@ pub async fn run(
 /// One connection's life, until it fails.
 async fn listen_once(
     invalidator: &Invalidator,
-    database_url: &SecretString,
+    store: &Store,
     listening: &watch::Sender<bool>,
     connected_before: &mut bool,
 ) -> StoreError {
-    let mut notifications = match store::listen(database_url, CHANNEL).await {
+    let mut notifications = match store.listen(CHANNEL).await {
         Ok(n) => n,
         Err(e) => return e,
     };

@@ -12,7 +12,7 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
     ("config", &[]),
     ("auth", &["config"]),
     ("domain", &[]),
-    ("store", &["config", "domain"]),
+    ("store", &["config", "domain", "tls"]),
     ("ory", &["config", "domain", "tls"]),
     ("cache", &["config", "domain", "store"]),
     ("error", &["config", "domain", "ory", "store"]),
@@ -24,17 +24,17 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
     ("worker", &["cache", "config", "ory", "store"]),
     (
         "grpc",
-        &["auth", "config", "domain", "error", "proto", "service"],
+        &["auth", "config", "domain", "error", "proto", "service", "tls"],
     ),
     (
         "http",
-        &["config", "domain", "error", "ory", "service", "store"],
+        &["config", "domain", "error", "ory", "service", "store", "tls"],
     ),
     (
         "app",
         &[
             "auth", "cache", "config", "grpc", "http", "jobs", "ory", "proto", "service", "store",
-            "worker",
+            "tls", "worker",
         ],
     ),
     (

@@ -78,7 +78,7 @@ impl Database {
                 }
             }
         };
-        migrate::run_pending(&db.url).await?;
+        migrate::run_pending(&idmap::store::Database::new(&db.url)?).await?;
         Ok(db)
     }
 
@@ -102,7 +102,7 @@ impl Database {
             created: Some((here, name)),
             _cluster: None,
         };
-        migrate::run_pending(&db.url).await?;
+        migrate::run_pending(&idmap::store::Database::new(&db.url)?).await?;
         Ok(db)
     }
 
