@@ -19,12 +19,12 @@ use crate::config::{
     Config, ConfigError, ENV_DATABASE_URL, ENV_GRPC_ADDR, ENV_HTTP_ADDR, ENV_TLS_CERT,
     ENV_TLS_CLIENT_CA, ENV_TLS_KEY, ListenerTlsFiles,
 };
-use crate::tls::{ServerTls, ServerTlsFiles, TlsError};
 use crate::grpc::CallerAuth;
 use crate::jobs::Jobs;
 use crate::ory::KratosClient;
 use crate::service::IdentityMapper;
 use crate::store::{Database, Store, migrate};
+use crate::tls::{ServerTls, ServerTlsFiles, TlsError};
 use server::GrpcServer;
 use tasks::Background;
 
@@ -202,7 +202,10 @@ fn load_tls(files: &ListenerTlsFiles) -> Result<ServerTls, ConfigError> {
     .map_err(|e| {
         let setting = match &e {
             TlsError::Read { path, .. } | TlsError::Pem { path, .. }
-                if files.client_ca.as_ref().is_some_and(|ca| ca.display().to_string() == *path) =>
+                if files
+                    .client_ca
+                    .as_ref()
+                    .is_some_and(|ca| ca.display().to_string() == *path) =>
             {
                 ENV_TLS_CLIENT_CA
             }

@@ -176,7 +176,13 @@ impl Database {
 
     fn connect_error(&self, error: tokio_postgres::Error) -> StoreError {
         let Inner { mode, target, .. } = &*self.0;
-        let text = error.to_string();
+        // tokio-postgres says what went wrong in the TLS layer in the error's source.
+        let mut text = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            text = format!("{text}: {cause}");
+            source = cause.source();
+        }
         if text.contains("server does not support TLS") {
             return StoreError::Unavailable(format!(
                 "the server at {target} does not accept TLS connections, and DATABASE_URL's sslmode={} requires TLS",

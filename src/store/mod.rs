@@ -158,10 +158,10 @@ impl Store {
         config.custom_setup = Box::new(move |_url| {
             let database = connect.clone();
             async move {
-                let mut conn = database
-                    .connect_diesel()
-                    .await
-                    .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+                let mut conn = database.connect_diesel().await.map_err(|e| {
+                    let (StoreError::Unavailable(why) | StoreError::Query(why)) = e;
+                    diesel::ConnectionError::BadConnection(why)
+                })?;
                 conn.batch_execute(&format!(
                     "SET application_name = 'idmap'; SET statement_timeout = {statement_timeout_ms}"
                 ))

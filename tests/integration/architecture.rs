@@ -24,11 +24,15 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
     ("worker", &["cache", "config", "ory", "store"]),
     (
         "grpc",
-        &["auth", "config", "domain", "error", "proto", "service", "tls"],
+        &[
+            "auth", "config", "domain", "error", "proto", "service", "tls",
+        ],
     ),
     (
         "http",
-        &["config", "domain", "error", "ory", "service", "store", "tls"],
+        &[
+            "config", "domain", "error", "ory", "service", "store", "tls",
+        ],
     ),
     (
         "app",

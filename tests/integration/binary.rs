@@ -39,7 +39,7 @@ async fn output(mut cmd: Command) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_refuses_bad_settings_and_names_them() {
-    let cases: [(&[(&str, &str)], &str); 5] = [
+    let cases: [(&[(&str, &str)], &str); 8] = [
         (&[("ORY_PUBLIC_URL", "http://kratos:4433")], "DATABASE_URL"),
         (
             &[("DATABASE_URL", "postgres://x@127.0.0.1/x")],
@@ -67,6 +67,30 @@ async fn serve_refuses_bad_settings_and_names_them() {
                 ("IDMAP_AUTO_LINK", "maybe"),
             ],
             "IDMAP_AUTO_LINK",
+        ),
+        (
+            &[
+                ("DATABASE_URL", "postgres://x@127.0.0.1/x?sslmode=verify"),
+                ("ORY_PUBLIC_URL", "http://kratos:4433"),
+            ],
+            "DATABASE_URL",
+        ),
+        (
+            &[
+                ("DATABASE_URL", "postgres://x@127.0.0.1/x"),
+                ("ORY_PUBLIC_URL", "http://kratos:4433"),
+                ("IDMAP_TLS_CERT", "/etc/idmap/tls.crt"),
+            ],
+            "IDMAP_TLS_KEY",
+        ),
+        (
+            &[
+                ("DATABASE_URL", "postgres://x@127.0.0.1/x"),
+                ("ORY_PUBLIC_URL", "http://kratos:4433"),
+                ("IDMAP_TLS_CERT", "/nonexistent/tls.crt"),
+                ("IDMAP_TLS_KEY", "/nonexistent/tls.key"),
+            ],
+            "IDMAP_TLS_CERT",
         ),
     ];
     for (env, named) in cases {

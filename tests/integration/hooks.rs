@@ -347,7 +347,11 @@ async fn pre_persist_hook_overlapping_deliveries_give_one_user() {
     assert_eq!(counts(&env).await, (1, 1, 0));
 
     // The other id is swept once its reservation lapses; the user stays, alone.
-    let store = Store::new(&Database::new(&env.db.url()).unwrap(), &PoolOptions::default()).unwrap();
+    let store = Store::new(
+        &Database::new(&env.db.url()).unwrap(),
+        &PoolOptions::default(),
+    )
+    .unwrap();
     let sweeper = PendingSweeper::new(store, PendingSettings::with_ttl(Duration::from_secs(3600)));
     let later = Utc::now() + chrono::Duration::minutes(61);
     assert_eq!(sweeper.sweep(later).await.unwrap(), 1);
@@ -477,7 +481,11 @@ async fn pending_users_unclaimed_within_the_ttl_are_swept() {
     hooks.post(REGISTRATION, &json!({ "identity": kept })).await;
     assert_eq!(counts(&env).await, (1, 1, 0));
 
-    let store = Store::new(&Database::new(&env.db.url()).unwrap(), &PoolOptions::default()).unwrap();
+    let store = Store::new(
+        &Database::new(&env.db.url()).unwrap(),
+        &PoolOptions::default(),
+    )
+    .unwrap();
     let sweeper = PendingSweeper::new(store, PendingSettings::with_ttl(Duration::from_secs(3600)));
     assert_eq!(sweeper.sweep(Utc::now()).await.unwrap(), 0, "not yet due");
     assert_eq!(

@@ -21,3 +21,4 @@ mod ory_urls;
 mod outbox;
 mod resolve;
 mod server;
+mod tls;

@@ -151,6 +151,19 @@ pub struct Options {
     /// Where to create the temporary cluster directory; defaults to
     /// [`std::env::temp_dir`].
     pub data_dir_parent: Option<PathBuf>,
+    /// Serve TLS (`ssl = on`) with this certificate and key, and only TLS to
+    /// TCP clients (`hostssl` in `pg_hba.conf`); unset, the server refuses
+    /// TLS, as initdb leaves it.
+    pub tls: Option<ServerTls>,
+}
+
+/// The server certificate (chain, leaf first) and private key, in PEM.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// `server.crt`: the certificate chain, leaf first.
+    pub cert_pem: String,
+    /// `server.key`: the certificate's private key.
+    pub key_pem: String,
 }
 
 impl Options {
@@ -240,7 +253,7 @@ impl EmbeddedPg {
         // leaves nothing behind.
         pg.spawn_watchdog()?;
         pg.initdb()?;
-        pg.configure()?;
+        pg.configure(options.tls.as_ref())?;
         pg.start_server(options.port)?;
         Ok(pg)
     }
@@ -365,11 +378,41 @@ impl EmbeddedPg {
         Ok(())
     }
 
-    fn configure(&self) -> Result<(), Error> {
+    fn configure(&self, tls: Option<&ServerTls>) -> Result<(), Error> {
         let conf_path = self.data_dir.join("postgresql.conf");
         let mut conf = fs::read_to_string(&conf_path)
             .map_err(Error::io(format!("reading {}", conf_path.display())))?;
         conf.push_str(TUNING);
+        if let Some(tls) = tls {
+            // PostgreSQL refuses a key that others can read, and must own both files.
+            for (name, pem) in [("server.crt", &tls.cert_pem), ("server.key", &tls.key_pem)] {
+                let path = self.data_dir.join(name);
+                fs::write(&path, pem).map_err(Error::io(format!("writing {}", path.display())))?;
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                    .map_err(Error::io(format!("chmod {}", path.display())))?;
+                if let Some(run_as) = self.run_as {
+                    std::os::unix::fs::chown(&path, Some(run_as.uid), Some(run_as.gid))
+                        .map_err(Error::io(format!("chowning {}", path.display())))?;
+                }
+            }
+            conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+            let hba_path = self.data_dir.join("pg_hba.conf");
+            let hba = fs::read_to_string(&hba_path)
+                .map_err(Error::io(format!("reading {}", hba_path.display())))?;
+            let tls_only: String = hba
+                .lines()
+                .map(|line| match line.strip_prefix("host ") {
+                    Some(rest) => format!("hostssl {rest}\n"),
+                    None => format!("{line}\n"),
+                })
+                .collect();
+            fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&hba_path)
+                .and_then(|mut f| io::Write::write_all(&mut f, tls_only.as_bytes()))
+                .map_err(Error::io(format!("writing {}", hba_path.display())))?;
+        }
         // Keep the socket in our private directory rather than /var/run/postgresql,
         // which may not exist or be shared with a system cluster.
         let socket_dir = self.base_dir.to_string_lossy().replace('\'', "''");

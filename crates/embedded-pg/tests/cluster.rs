@@ -184,6 +184,7 @@ fn custom_options_are_honoured() {
         bin_dir: Some(bin_dir.clone()),
         port: Some(port),
         data_dir_parent: Some(parent.clone()),
+        tls: None,
     })
     .unwrap();
     assert_eq!(pg.port(), port);

@@ -68,9 +68,11 @@ fn server() -> &'static Server {
                     .await
                     .expect("create template");
                 let url = SecretString::from(with_database(&admin_url, &template));
-                idmap::store::migrate::run_pending(&idmap::store::Database::new(&url).expect("database URL"))
-                    .await
-                    .expect("migrate the template");
+                idmap::store::migrate::run_pending(
+                    &idmap::store::Database::new(&url).expect("database URL"),
+                )
+                .await
+                .expect("migrate the template");
             });
             Server {
                 admin_url,

@@ -40,6 +40,11 @@ pub fn config(db: &TestDb, emulator: &Emulator) -> Config {
 }
 
 pub fn config_for(db: &TestDb, ory_url: &str) -> Config {
+    config_for_url(db.url(), ory_url)
+}
+
+/// [`config_for`] with a database of the test's own choosing.
+pub fn config_for_url(database_url: secrecy::SecretString, ory_url: &str) -> Config {
     use clap::Parser;
     #[derive(Parser)]
     struct Defaults {
@@ -54,7 +59,7 @@ pub fn config_for(db: &TestDb, ory_url: &str) -> Config {
     defaults.common.outbox_retry_min = Duration::from_millis(20);
     defaults.common.outbox_retry_max = Duration::from_millis(200);
     let mut config = Config::new(
-        db.url(),
+        database_url,
         url::Url::parse(ory_url).unwrap(),
         None,
         defaults.common,
