@@ -71,7 +71,7 @@ impl App {
         }
         let ory = KratosClient::new(config.ory.clone()).context("cannot build the Ory client")?;
         let outbox_wakeup = Arc::new(Notify::new());
-        let caches = Arc::new(Caches::new(config.cache.clone()));
+        let caches = Arc::new(Caches::new(config.cache.clone()).shared_through(store.clone()));
         let mapper = Arc::new(IdentityMapper::new(
             store.clone(),
             ory.clone(),

@@ -27,6 +27,7 @@ pub(super) struct Background {
     listener: JoinHandle<()>,
     worker: JoinHandle<()>,
     sweeper: JoinHandle<()>,
+    session_sweeper: JoinHandle<()>,
     http: JoinHandle<std::io::Result<()>>,
 }
 
@@ -62,6 +63,10 @@ impl Background {
             PendingSweeper::new(app.store.clone(), app.config.pending_users.clone())
                 .run(stop.child_token()),
         );
+        let session_sweeper = tokio::spawn(crate::worker::session_sweep::run(
+            app.store.clone(),
+            stop.child_token(),
+        ));
         let http = tokio::spawn(crate::http::serve(
             http,
             app.store.clone(),
@@ -77,6 +82,7 @@ impl Background {
             listener,
             worker,
             sweeper,
+            session_sweeper,
             http,
         })
     }
@@ -90,6 +96,7 @@ impl Background {
             mut listener,
             mut worker,
             mut sweeper,
+            mut session_sweeper,
             mut http,
             ..
         } = self;
@@ -98,6 +105,7 @@ impl Background {
         join_by(deadline, "the outbox worker", &mut worker).await;
         join_by(deadline, "the invalidation listener", &mut listener).await;
         join_by(deadline, "the pending-user sweep", &mut sweeper).await;
+        join_by(deadline, "the shared session sweep", &mut session_sweeper).await;
         match tokio::time::timeout_at(deadline, &mut http).await {
             Ok(Ok(Err(e))) => tracing::error!(error = %e, "the HTTP server failed"),
             Ok(other) => report_task("the HTTP server", other.map(|_| ())),

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::{Caches, SessionKey};
 use crate::domain::IdentityId;
-use crate::store::{Store, StoreError};
+use crate::store::{SharedTarget, Store, StoreError};
 
 /// The NOTIFY channel.
 pub const CHANNEL: &str = "idmap_invalidate";
@@ -111,7 +111,17 @@ impl Invalidator {
         apply(&self.caches, &eviction).await;
         let payload = serde_json::to_string(&eviction.to_payload(self.origin))
             .map_err(|e| StoreError::Query(format!("encoding an eviction: {e}")))?;
-        self.store.notify(CHANNEL, &payload).await?;
+        // The shared level's entries go in the same statement as the announcement, so no
+        // replica can read one back once it is made.
+        let target = match &eviction {
+            Eviction::SessionKey(key) => SharedTarget::Fingerprint(key),
+            Eviction::SessionId(id) => SharedTarget::SessionId(id),
+            Eviction::Identity(id) => SharedTarget::Identity(*id),
+            Eviction::User(_) => SharedTarget::None,
+        };
+        self.store
+            .notify_and_delete(CHANNEL, &payload, target)
+            .await?;
         self.counts.announced.send_modify(|n| *n += 1);
         Ok(())
     }

@@ -11,9 +11,9 @@
 //! after the eviction and be served for a whole TTL.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -21,6 +21,7 @@ use moka::Expiry;
 use moka::future::Cache;
 
 pub mod invalidation;
+pub mod shared;
 
 use crate::config::CacheSettings;
 use crate::domain::{IdentityId, SessionWithIdentity, User};
@@ -43,23 +44,75 @@ pub enum CachedSession {
 pub type Rendering = Arc<OnceLock<Bytes>>;
 
 /// A cache entry: the answer and how long it may be served.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SessionEntry {
     pub value: CachedSession,
     pub fresh_for: Duration,
     pub rendering: Rendering,
     /// The session-eviction epoch its load started in.
     epoch: u64,
+    /// When a hit should start re-validating it in the background (refresh ahead); `None` for
+    /// entries that re-validating cannot extend.
+    refresh_at: Option<Instant>,
+    /// Set by the hit that starts the re-validation, so one does per entry.
+    refreshing: AtomicBool,
 }
+
+impl Clone for SessionEntry {
+    fn clone(&self) -> Self {
+        Self {
+            value: self.value.clone(),
+            fresh_for: self.fresh_for,
+            rendering: self.rendering.clone(),
+            epoch: self.epoch,
+            refresh_at: self.refresh_at,
+            refreshing: AtomicBool::new(self.refreshing.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// The part of an entry's life after which a hit re-validates it in the background: late enough
+/// that a fleet asks Ory about once per TTL for a busy session, early enough that the answer is
+/// back before the entry expires.
+const REFRESH_AFTER: f64 = 0.8;
+
+/// Entries fresh for less are not refreshed ahead: a short life is Ory's or the session's choice.
+const MIN_REFRESHED_TTL: Duration = Duration::from_secs(1);
 
 impl SessionEntry {
     pub fn new(value: CachedSession, fresh_for: Duration) -> Self {
+        let refresh_at = match &value {
+            CachedSession::Valid(s) if fresh_for >= MIN_REFRESHED_TTL => {
+                // A session that ends before a new entry would could only be asked about again.
+                let outlives = s.session.expires_at.is_none_or(|expires_at| {
+                    (expires_at - chrono::Utc::now())
+                        .to_std()
+                        .is_ok_and(|left| left > fresh_for + fresh_for / 4)
+                });
+                outlives.then(|| Instant::now() + fresh_for.mul_f64(REFRESH_AFTER))
+            }
+            _ => None,
+        };
         Self {
             value,
             fresh_for,
             rendering: Rendering::default(),
             epoch: 0,
+            refresh_at,
+            refreshing: AtomicBool::new(false),
         }
+    }
+
+    /// Whether this hit should re-validate the entry in the background: it is near its end, and
+    /// no hit has started that yet. `true` once per entry.
+    pub fn refresh_due(&self) -> bool {
+        self.refresh_at.is_some_and(|at| Instant::now() >= at)
+            && !self.refreshing.swap(true, Ordering::Relaxed)
+    }
+
+    /// How far ahead of its end the entry is re-validated.
+    pub fn refresh_lead(&self) -> Duration {
+        self.fresh_for.mul_f64(1.0 - REFRESH_AFTER)
     }
 }
 
@@ -82,7 +135,7 @@ impl Expiry<SessionKey, Arc<SessionEntry>> for FreshFor {
         &self,
         _key: &SessionKey,
         value: &Arc<SessionEntry>,
-        _created_at: std::time::Instant,
+        _created_at: Instant,
     ) -> Option<Duration> {
         Some(value.fresh_for)
     }
@@ -95,7 +148,7 @@ impl Expiry<SessionKey, Arc<StaleEntry>> for UsableFor {
         &self,
         _key: &SessionKey,
         value: &Arc<StaleEntry>,
-        _created_at: std::time::Instant,
+        _created_at: Instant,
     ) -> Option<Duration> {
         Some(value.usable_for)
     }
@@ -112,6 +165,8 @@ pub struct Caches {
     session_evictions: Evictions<SessionTarget>,
     /// User evictions, recorded before they evict.
     user_evictions: Evictions<Option<IdentityId>>,
+    /// The level shared by the fleet, when on.
+    shared: Option<shared::SharedSessions>,
 }
 
 /// What a session eviction targets.
@@ -236,7 +291,43 @@ impl Caches {
             external_ids,
             session_evictions: Evictions::new(),
             user_evictions: Evictions::new(),
+            shared: None,
         }
+    }
+
+    /// Adds the level shared by the replicas through `store`, if the settings ask for it.
+    pub fn shared_through(mut self, store: crate::store::Store) -> Self {
+        if self.settings.shared_sessions {
+            self.shared = Some(shared::SharedSessions::new(store));
+        }
+        self
+    }
+
+    /// The level shared by the replicas, when on.
+    pub fn shared(&self) -> Option<&shared::SharedSessions> {
+        self.shared.as_ref()
+    }
+
+    /// The current session-eviction epoch, for a load made outside [`Caches::session`].
+    pub fn session_epoch(&self) -> u64 {
+        self.session_evictions.epoch()
+    }
+
+    /// Keeps an answer re-validated in the background, loaded since epoch `started`, unless an
+    /// eviction since then concerns it. `true` if kept.
+    pub async fn refreshed(&self, key: SessionKey, started: u64, mut entry: SessionEntry) -> bool {
+        entry.epoch = started;
+        let entry = Arc::new(entry);
+        // Kept first and checked after, as loads are: an eviction recorded in between is seen.
+        self.sessions.insert(key, entry.clone()).await;
+        if self
+            .session_evictions
+            .since(started, |target| target.matches(&key, &entry))
+        {
+            self.sessions.invalidate(&key).await;
+            return false;
+        }
+        true
     }
 
     pub fn settings(&self) -> &CacheSettings {

@@ -315,6 +315,11 @@ pub struct CommonArgs {
     #[arg(long, env = "IDMAP_SESSION_CACHE_TTL", value_name = "IDMAP_SESSION_CACHE_TTL", default_value = "60s", value_parser = parse_duration)]
     pub session_cache_ttl: Duration,
 
+    /// Share validated sessions between replicas through PostgreSQL, so the fleet asks Ory once
+    /// per session per TTL (a memory miss reads it before asking Ory). `off`: each replica asks.
+    #[arg(long, env = "IDMAP_SESSION_CACHE_SHARED", value_name = "IDMAP_SESSION_CACHE_SHARED", default_value = "on", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub session_cache_shared: bool,
+
     /// Most sessions kept in memory (BENCHMARKS.md measures the memory each takes).
     #[arg(long, env = "IDMAP_SESSION_CACHE_MAX_ENTRIES", value_name = "IDMAP_SESSION_CACHE_MAX_ENTRIES", default_value = "100000", value_parser = parse_at_least_one::<u64>)]
     pub session_cache_max_entries: u64,
@@ -573,6 +578,7 @@ impl Config {
                 stale_if_error: common.stale_if_error,
                 user_ttl: common.user_cache_ttl,
                 user_max_entries: common.user_cache_max_entries,
+                shared_sessions: common.session_cache_shared,
             },
             shutdown_grace: common.shutdown_grace,
             hooks: HookSettings {

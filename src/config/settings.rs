@@ -27,6 +27,8 @@ pub struct CacheSettings {
     pub user_ttl: Duration,
     /// Most users cached (per index).
     pub user_max_entries: u64,
+    /// Share validated sessions between replicas through PostgreSQL (the second cache level).
+    pub shared_sessions: bool,
 }
 
 impl Default for CacheSettings {
@@ -38,6 +40,7 @@ impl Default for CacheSettings {
             stale_if_error: None,
             user_ttl: Duration::from_secs(300),
             user_max_entries: 100_000,
+            shared_sessions: true,
         }
     }
 }

@@ -21,8 +21,17 @@ impl IdentityMapper {
         match target {
             InvalidateTarget::Credential(credential) => {
                 let key = credential.fingerprint();
-                // The same session may be cached under its cookie too; its id reaches those.
-                if let Some(session_id) = self.caches.cached_session_id(&key).await {
+                // The same session may be cached under its cookie too, on this replica or others
+                // that never saw this token; its id reaches those. Any replica that resolved the
+                // token left the id in the shared level.
+                let session_id = match self.caches.cached_session_id(&key).await {
+                    Some(id) => Some(id),
+                    None => match self.caches.shared() {
+                        Some(shared) => shared.session_id(&key).await,
+                        None => None,
+                    },
+                };
+                if let Some(session_id) = session_id {
                     evictions.push(Eviction::SessionId(session_id));
                 }
                 evictions.push(Eviction::SessionKey(key));

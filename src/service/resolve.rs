@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use super::IdentityMapper;
 use super::LinkError;
+use crate::cache::invalidation::Eviction;
 use crate::cache::{CachedSession, Rendering, SessionEntry, SessionKey, session_ttl};
 use crate::domain::{Credential, LinkConflict, LinkRequest, SessionWithIdentity, User};
 use crate::error::Error;
@@ -30,18 +31,21 @@ impl IdentityMapper {
     pub async fn resolve_session(&self, credential: &Credential) -> Result<Resolved, Error> {
         let key = credential.fingerprint();
         let entry = if self.caches.settings().session_ttl.is_zero() {
-            Box::pin(self.fetch_session(key, credential)).await?
+            Arc::new(Box::pin(self.fetch_session(key, credential)).await?)
         } else {
-            self.caches
+            let entry = self
+                .caches
                 .session(key, || self.fetch_session(key, credential))
                 .await
-                .map_err(|e| Error::from((*e).clone()))?
-                .as_ref()
-                .clone()
+                .map_err(|e| Error::from((*e).clone()))?;
+            if entry.refresh_due() {
+                self.refresh_ahead(key, credential, entry.refresh_lead());
+            }
+            entry
         };
-        let rendering = entry.rendering;
-        let whoami = match entry.value {
-            CachedSession::Valid(session) => session,
+        let rendering = entry.rendering.clone();
+        let whoami = match &entry.value {
+            CachedSession::Valid(session) => session.clone(),
             CachedSession::Invalid => return Err(OryError::Unauthenticated.into()),
         };
         let user = match self.cached_user(whoami.identity.id).await? {
@@ -84,18 +88,87 @@ impl IdentityMapper {
         })
     }
 
-    /// Asks Ory, and decides how long its answer may be served.
+    /// Re-validates a busy session in the background before its entry expires, so its callers
+    /// never wait for whoami; once across the fleet when the shared level is on (the replica that
+    /// claims it asks, the others find its answer there when their entries expire).
+    fn refresh_ahead(&self, key: SessionKey, credential: &Credential, lead: Duration) {
+        let caches = self.caches.clone();
+        let ory = self.ory.clone();
+        let invalidator = self.invalidator.clone();
+        let credential = credential.clone();
+        tokio::spawn(async move {
+            let claimed = match caches.shared() {
+                Some(shared) => match shared.claim_refresh(&key, lead + lead / 4).await {
+                    Ok(Some(at)) => Some(at),
+                    Ok(None) => return,
+                    // Without the database, re-validate for this replica alone.
+                    Err(_) => None,
+                },
+                None => None,
+            };
+            let started = caches.session_epoch();
+            match ory.whoami(&credential).await {
+                Ok(whoami) => {
+                    let session = Arc::new(whoami.session);
+                    let ttl = session_ttl(caches.settings(), &session, whoami.cache_for);
+                    caches.keep_for_stale(key, &session, ttl).await;
+                    let entry = SessionEntry::new(CachedSession::Valid(session.clone()), ttl);
+                    if caches.refreshed(key, started, entry).await
+                        && let (Some(shared), Some(since)) = (caches.shared(), claimed)
+                    {
+                        shared.put(key, session, ttl, since).await;
+                    }
+                }
+                // Revoked meanwhile: every replica drops it now rather than at its expiry.
+                Err(OryError::Unauthenticated) => {
+                    if let Err(e) = invalidator.announce(Eviction::SessionKey(key)).await {
+                        tracing::debug!(error = %e, "cannot announce a session Ory refused");
+                    }
+                }
+                // The entry expires as it would have; the next miss asks again.
+                Err(e) => {
+                    tracing::debug!(error = %e, "refreshing a session ahead of expiry failed")
+                }
+            }
+        });
+    }
+
+    /// Finds the session in the level the replicas share, else asks Ory (and shares its answer),
+    /// and decides how long the answer may be served.
     async fn fetch_session(
         &self,
         key: SessionKey,
         credential: &Credential,
     ) -> Result<SessionEntry, OryError> {
         let settings = self.caches.settings();
+        let mut loaded_since = None;
+        if let Some(shared) = self.caches.shared()
+            && !settings.session_ttl.is_zero()
+            && let Some(lookup) = shared.lookup(&key).await
+        {
+            if let Some(found) = lookup.found {
+                let session = Arc::new(found.session);
+                self.caches
+                    .keep_for_stale(key, &session, found.fresh_for)
+                    .await;
+                return Ok(SessionEntry::new(
+                    CachedSession::Valid(session),
+                    found.fresh_for,
+                ));
+            }
+            loaded_since = Some(lookup.as_of);
+        }
         match self.ory.whoami(credential).await {
             Ok(whoami) => {
                 let session = Arc::new(whoami.session);
                 let ttl = session_ttl(settings, &session, whoami.cache_for);
                 self.caches.keep_for_stale(key, &session, ttl).await;
+                if let (Some(shared), Some(since)) = (self.caches.shared(), loaded_since)
+                    && !ttl.is_zero()
+                    && !settings.session_ttl.is_zero()
+                {
+                    shared.put(key, session.clone(), ttl, since).await;
+                }
                 Ok(SessionEntry::new(CachedSession::Valid(session), ttl))
             }
             // Remembered briefly, so a flood of bad tokens does not reach Ory. A copy kept for

@@ -13,6 +13,7 @@ mod models;
 mod ory_outbox;
 mod pending_users;
 mod schema;
+mod session_cache;
 mod users;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,6 +33,7 @@ pub use backfill_runs::{BackfillCounts, BackfillRun, RunProgress};
 pub use connect::{Database, DatabaseUrlError, SslMode};
 pub use listen::Notifications;
 pub use ory_outbox::{OutboxKind, OutboxRow};
+pub use session_cache::{SharedLookup, SharedSession, SharedTarget};
 pub use users::{LinkFacts, LinkResult};
 
 /// Errors from the store. Cheap to clone, so one failed load can answer every caller waiting on it.

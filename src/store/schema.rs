@@ -69,6 +69,25 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    session_cache (fingerprint) {
+        fingerprint -> Bytea,
+        session_id -> Text,
+        identity_id -> Uuid,
+        answer -> Bytea,
+        expires_at -> Timestamptz,
+        refresh_claimed_until -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    session_cache_evictions (kind, value, evicted_at) {
+        kind -> Text,
+        value -> Text,
+        evicted_at -> Timestamptz,
+    }
+}
+
 diesel::joinable!(backfill_run_identities -> backfill_runs (run_id));
 diesel::joinable!(user_external_ids -> users (user_id));
 
@@ -77,6 +96,8 @@ diesel::allow_tables_to_appear_in_same_query!(
     backfill_runs,
     ory_outbox,
     pending_users,
+    session_cache,
+    session_cache_evictions,
     user_external_ids,
     users,
 );

@@ -40,10 +40,18 @@ async fn database_outage_is_unavailable_and_idmap_recovers() {
         client.resolve_session(resolve.clone()).await.map(|_| ()),
         client.link_identity(link.clone()).await.map(|_| ()),
     ];
-    for result in failures {
+    for (rpc, result) in [
+        "GetUserByOryId",
+        "GetByExternalId",
+        "ResolveSession",
+        "LinkIdentity",
+    ]
+    .into_iter()
+    .zip(failures)
+    {
         let err = result.unwrap_err();
         assert_code(&err, Code::Unavailable);
-        assert_eq!(error_info(&err).0, "DATABASE_UNAVAILABLE");
+        assert_eq!(error_info(&err).0, "DATABASE_UNAVAILABLE", "{rpc}: {err:?}");
     }
 
     outage.end().await;

@@ -1,0 +1,2 @@
+DROP TABLE session_cache_evictions;
+DROP TABLE session_cache;
