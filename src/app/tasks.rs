@@ -43,6 +43,7 @@ impl Background {
         let listener = tokio::spawn(crate::worker::listener::run(
             app.mapper.invalidator().clone(),
             app.store.clone(),
+            app.config.listen_heartbeat,
             listening_tx,
             stop.child_token(),
         ));

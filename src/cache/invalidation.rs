@@ -91,6 +91,8 @@ struct Counts {
     announced: watch::Sender<u64>,
     /// Other replicas' notifications handled, whatever they held.
     heard: watch::Sender<u64>,
+    /// Times the listening connection was lost and made again (caches cleared each time).
+    reconnects: watch::Sender<u64>,
 }
 
 impl Invalidator {
@@ -102,6 +104,7 @@ impl Invalidator {
             counts: Arc::new(Counts {
                 announced: watch::Sender::new(0),
                 heard: watch::Sender::new(0),
+                reconnects: watch::Sender::new(0),
             }),
         }
     }
@@ -141,6 +144,12 @@ impl Invalidator {
     /// meanwhile are lost too, and anything cached may have been evicted elsewhere.
     pub fn missed_announcements(&self) {
         self.caches.clear();
+        self.counts.reconnects.send_modify(|n| *n += 1);
+    }
+
+    /// How many times the listening connection has been made again so far.
+    pub fn reconnects(&self) -> watch::Receiver<u64> {
+        self.counts.reconnects.subscribe()
     }
 
     /// Applies one notification heard on [`CHANNEL`]; this replica's own are skipped, as they were

@@ -432,6 +432,11 @@ pub struct CommonArgs {
     #[arg(long, env = "IDMAP_HTTP_MAX_CONNECTIONS", value_name = "IDMAP_HTTP_MAX_CONNECTIONS", default_value = "1024", value_parser = parse_at_least_one::<u32>)]
     pub http_max_connections: u32,
 
+    /// How often the connection that hears other replicas' evictions is asked to answer; one
+    /// that stays silent for as long again is reconnected (and this replica's caches cleared).
+    #[arg(long, env = "IDMAP_LISTEN_HEARTBEAT", value_name = "IDMAP_LISTEN_HEARTBEAT", default_value = "5s", value_parser = parse_positive_duration)]
+    pub listen_heartbeat: Duration,
+
     /// PEM certificate chain (leaf first) the gRPC and HTTP listeners present; with
     /// IDMAP_TLS_KEY, both speak TLS only. Re-read when the file changes.
     #[arg(long, env = ENV_TLS_CERT, value_name = ENV_TLS_CERT)]
@@ -506,6 +511,8 @@ pub struct Config {
     pub grpc: GrpcSettings,
     pub http: HttpSettings,
     pub tls: TlsSettings,
+    /// Heartbeat interval of the invalidation listener's connection.
+    pub listen_heartbeat: Duration,
 }
 
 impl Config {
@@ -603,6 +610,7 @@ impl Config {
                 trusted_header: common.trusted_caller_header,
             },
             tls,
+            listen_heartbeat: common.listen_heartbeat,
         })
     }
 

@@ -44,7 +44,10 @@ async fn listen(store: &Store, channel: &str) -> Result<Notifications, StoreErro
         Ok(())
     });
     client
-        .batch_execute(&format!("LISTEN {channel}"))
+        // Named, so an operator (or a test) can tell it from the pool's connections.
+        .batch_execute(&format!(
+            "SET application_name = 'idmap-listen'; LISTEN {channel}"
+        ))
         .await
         .map_err(StoreError::from_postgres)?;
     Ok(Notifications {
@@ -58,6 +61,23 @@ impl Notifications {
     /// The next payload; `None` once the connection has ended ([`Notifications::ended`] says why).
     pub async fn next(&mut self) -> Option<String> {
         self.payloads.recv().await
+    }
+
+    /// Checks that the connection still answers within `limit`: a connection cut without a FIN
+    /// (a failover, a dropped NAT entry) otherwise looks idle for as long as the kernel's timeouts.
+    pub async fn ping(&self, limit: std::time::Duration) -> Result<(), StoreError> {
+        let Some(client) = &self.client else {
+            return Err(StoreError::Unavailable(
+                "the listening connection is closed".into(),
+            ));
+        };
+        match tokio::time::timeout(limit, client.simple_query("SELECT 1")).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::from_postgres(e)),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "the listening connection did not answer a heartbeat within {limit:?}"
+            ))),
+        }
     }
 
     /// Why the connection ended.

@@ -14,6 +14,7 @@ use crate::store::{Store, StoreError};
 pub async fn run(
     invalidator: Invalidator,
     store: Store,
+    heartbeat: Duration,
     listening: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
@@ -22,7 +23,7 @@ pub async fn run(
     loop {
         let session = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = listen_once(&invalidator, &store, &listening, &mut connected_before) => r,
+            r = listen_once(&invalidator, &store, heartbeat, &listening, &mut connected_before) => r,
         };
         failures = failures.saturating_add(1);
         let delay = Duration::from_millis(100)
@@ -40,6 +41,7 @@ pub async fn run(
 async fn listen_once(
     invalidator: &Invalidator,
     store: &Store,
+    heartbeat: Duration,
     listening: &watch::Sender<bool>,
     connected_before: &mut bool,
 ) -> StoreError {
@@ -53,8 +55,22 @@ async fn listen_once(
     }
     *connected_before = true;
     listening.send_replace(true);
-    while let Some(payload) = notifications.next().await {
-        invalidator.receive(&payload).await;
+    let mut beats = tokio::time::interval(heartbeat);
+    beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    beats.tick().await;
+    loop {
+        tokio::select! {
+            payload = notifications.next() => match payload {
+                Some(payload) => invalidator.receive(&payload).await,
+                None => return notifications.ended().await,
+            },
+            // A half-open connection hears nothing and says nothing: ask it something, and treat
+            // silence as a lost connection, so it is noticed within two heartbeats.
+            _ = beats.tick() => {
+                if let Err(e) = notifications.ping(heartbeat).await {
+                    return e;
+                }
+            }
+        }
     }
-    notifications.ended().await
 }

@@ -252,3 +252,46 @@ async fn a_busy_session_is_refreshed_ahead_once_for_the_fleet() {
     assert_eq!(env.ory.calls(Route::Whoami), 2);
     b.stop().await;
 }
+
+/// Sends `signal` to a PostgreSQL backend (the tests run as root or as the server's user).
+fn signal(pid: i64, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listening_connection_that_goes_silent_is_replaced() {
+    let env = Env::with(|c| c.listen_heartbeat = Duration::from_millis(200)).await;
+    let b = replica(&env, |_| {}).await;
+    // A's listener is the older of the two.
+    let pid = env
+        .db
+        .count(
+            "SELECT pid::bigint FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'idmap-listen' ORDER BY backend_start LIMIT 1",
+        )
+        .await;
+    let mut reconnects = env.server.reconnects();
+
+    // The backend stops answering without closing the connection: a half-open connection, as
+    // after a failover or a dropped NAT entry.
+    signal(pid, "-STOP");
+    let noticed = tokio::time::timeout(PATIENCE, reconnects.wait_for(|n| *n >= 1)).await;
+    signal(pid, "-CONT");
+    noticed
+        .expect("the silent connection was not noticed")
+        .unwrap();
+
+    // The new connection hears the other replica's evictions.
+    let (_, session) = env.customer("heartbeat@example.com");
+    b.client
+        .clone()
+        .invalidate_session(invalidate(Target::SessionToken(session.token.clone())))
+        .await
+        .unwrap();
+    env.server.heard_everything_from(&b, PATIENCE).await;
+    b.stop().await;
+}

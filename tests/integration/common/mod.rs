@@ -126,6 +126,11 @@ impl TestServer {
             .expect("the invalidation listener is running");
     }
 
+    /// How many times this replica's invalidation listener has reconnected.
+    pub fn reconnects(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.invalidator.reconnects()
+    }
+
     /// Signals shutdown without waiting.
     pub fn begin_shutdown(&mut self) {
         if let Some(tx) = self.shutdown.take() {
