@@ -16,8 +16,8 @@ use tokio::time::Instant;
 use crate::auth::CallerPolicy;
 use crate::cache::Caches;
 use crate::config::{
-    Config, ConfigError, ENV_DATABASE_URL, ENV_GRPC_ADDR, ENV_HTTP_ADDR, ENV_TLS_CERT,
-    ENV_TLS_CLIENT_CA, ENV_TLS_KEY, ListenerTlsFiles,
+    Config, ConfigError, ENV_DATABASE_READ_URL, ENV_DATABASE_URL, ENV_GRPC_ADDR, ENV_HTTP_ADDR,
+    ENV_TLS_CERT, ENV_TLS_CLIENT_CA, ENV_TLS_KEY, ListenerTlsFiles,
 };
 use crate::grpc::CallerAuth;
 use crate::jobs::Jobs;
@@ -53,8 +53,17 @@ impl App {
             Some(files) => Some(Arc::new(load_tls(files)?)),
             None => None,
         };
-        let store = Store::new(&database, &config.pool)
+        let mut store = Store::new(&database, &config.pool)
             .with_context(|| format!("{ENV_DATABASE_URL} is not usable"))?;
+        if let Some(url) = &config.database_read_url {
+            let replica = Database::new(url).map_err(|e| ConfigError::Unusable {
+                setting: ENV_DATABASE_READ_URL,
+                problem: e.to_string(),
+            })?;
+            store = store
+                .with_replica(&replica, &config.pool)
+                .with_context(|| format!("{ENV_DATABASE_READ_URL} is not usable"))?;
+        }
         store.ping().await.with_context(|| {
             format!(
                 "cannot reach the database at {ENV_DATABASE_URL} ({})",

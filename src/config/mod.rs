@@ -20,6 +20,7 @@ pub use settings::{
 };
 
 pub const ENV_DATABASE_URL: &str = "DATABASE_URL";
+pub const ENV_DATABASE_READ_URL: &str = "DATABASE_READ_URL";
 pub const ENV_TLS_CERT: &str = "IDMAP_TLS_CERT";
 pub const ENV_TLS_KEY: &str = "IDMAP_TLS_KEY";
 pub const ENV_TLS_CLIENT_CA: &str = "IDMAP_TLS_CLIENT_CA";
@@ -432,6 +433,12 @@ pub struct CommonArgs {
     #[arg(long, env = "IDMAP_HTTP_MAX_CONNECTIONS", value_name = "IDMAP_HTTP_MAX_CONNECTIONS", default_value = "1024", value_parser = parse_at_least_one::<u32>)]
     pub http_max_connections: u32,
 
+    /// A read replica's PostgreSQL URL: user lookups and BatchGetUsers read from it (falling back
+    /// to DATABASE_URL for what it lacks); writes, the outbox, LISTEN and the shared session cache
+    /// stay on DATABASE_URL.
+    #[arg(long, env = ENV_DATABASE_READ_URL, value_name = ENV_DATABASE_READ_URL, hide_env_values = true, value_parser = parse_database_url)]
+    pub database_read_url: Option<SecretString>,
+
     /// How often the connection that hears other replicas' evictions is asked to answer; one
     /// that stays silent for as long again is reconnected (and this replica's caches cleared).
     #[arg(long, env = "IDMAP_LISTEN_HEARTBEAT", value_name = "IDMAP_LISTEN_HEARTBEAT", default_value = "5s", value_parser = parse_positive_duration)]
@@ -497,6 +504,8 @@ impl TlsSettings {
 #[derive(Clone)]
 pub struct Config {
     pub database_url: SecretString,
+    /// A read replica for user lookups.
+    pub database_read_url: Option<SecretString>,
     pub ory: OryConfig,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
@@ -552,6 +561,7 @@ impl Config {
         }
         Ok(Self {
             database_url,
+            database_read_url: common.database_read_url,
             ory: OryConfig {
                 public_url: ory_public_url,
                 admin_url,

@@ -126,6 +126,8 @@ impl From<PoolError> for StoreError {
 pub struct Store {
     pool: Pool<AsyncPgConnection>,
     readers: Arc<Readers>,
+    /// A read replica (`DATABASE_READ_URL`) for user lookups, if one is configured.
+    replica: Option<Arc<Readers>>,
     database: Database,
 }
 
@@ -144,6 +146,8 @@ type Pooled = Object<AsyncPgConnection>;
 /// database; the slot is then emptied and the next lookup checks out a fresh one, while the broken
 /// connection goes back to the pool, which discards it.
 struct Readers {
+    /// Where the shared connections come from.
+    pool: Pool<AsyncPgConnection>,
     slots: Vec<RwLock<Option<Arc<Pooled>>>>,
     next: AtomicUsize,
 }
@@ -151,49 +155,26 @@ struct Readers {
 impl Store {
     /// Builds the pool. Connections are opened lazily; call [`Store::ping`] to check the database.
     pub fn new(database: &Database, options: &PoolOptions) -> Result<Self, StoreError> {
-        let statement_timeout_ms = options.statement_timeout.as_millis();
-        let mut config = ManagerConfig::<AsyncPgConnection>::default();
-        // The connection's health shows on first use; a test query on every checkout would add a
-        // round trip to every request.
-        config.recycling_method = RecyclingMethod::Fast;
-        let connect = database.clone();
-        config.custom_setup = Box::new(move |_url| {
-            let database = connect.clone();
-            async move {
-                let mut conn = database.connect_diesel().await.map_err(|e| {
-                    let (StoreError::Unavailable(why) | StoreError::Query(why)) = e;
-                    diesel::ConnectionError::BadConnection(why)
-                })?;
-                conn.batch_execute(&format!(
-                    "SET application_name = 'idmap'; SET statement_timeout = {statement_timeout_ms}"
-                ))
-                .await
-                .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
-                Ok(conn)
-            }
-            .boxed()
-        });
-        // The URL is not used: `custom_setup` connects with `database`.
-        let manager =
-            AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config("", config);
-        let pool = Pool::builder(manager)
-            .max_size(options.max_size)
-            .wait_timeout(Some(options.wait_timeout))
-            .create_timeout(Some(options.wait_timeout))
-            .runtime(deadpool::Runtime::Tokio1)
-            .build()
-            .map_err(|e| StoreError::Unavailable(format!("cannot build the pool: {e}")))?;
-        let readers = Readers {
-            slots: (0..options.read_connections.max(1))
-                .map(|_| RwLock::new(None))
-                .collect(),
-            next: AtomicUsize::new(0),
-        };
+        let pool = pool(database, options)?;
         Ok(Self {
+            readers: Arc::new(Readers::new(pool.clone(), options)),
             pool,
-            readers: Arc::new(readers),
+            replica: None,
             database: database.clone(),
         })
+    }
+
+    /// Sends single-user lookups and batches to a read replica; writes, the outbox, LISTEN and
+    /// the shared session cache stay on the primary. A lookup the replica cannot answer (nothing
+    /// found, or the replica unavailable) asks the primary, so a user linked a moment ago, not yet
+    /// replicated, is never reported missing.
+    pub fn with_replica(
+        mut self,
+        replica: &Database,
+        options: &PoolOptions,
+    ) -> Result<Self, StoreError> {
+        self.replica = Some(Arc::new(Readers::new(pool(replica, options)?, options)));
+        Ok(self)
     }
 
     /// Checks that a connection can be opened and used.
@@ -208,18 +189,51 @@ impl Store {
         Ok(self.pool.get().await?)
     }
 
-    /// A shared lookup connection ([`Readers`]), round robin.
+    /// A shared lookup connection ([`Readers`]) to the primary, round robin.
     async fn reader(&self) -> Result<Arc<Pooled>, StoreError> {
-        let slots = &self.readers.slots;
-        let slot = &slots[self.readers.next.fetch_add(1, Ordering::Relaxed) % slots.len()];
-        if let Some(conn) = slot.read().unwrap_or_else(PoisonError::into_inner).as_ref() {
-            return Ok(conn.clone());
+        self.readers.get().await
+    }
+
+    /// A shared lookup connection to the read replica, if one is configured.
+    async fn replica_reader(&self) -> Option<Result<Arc<Pooled>, StoreError>> {
+        match &self.replica {
+            Some(replica) => Some(replica.get().await),
+            None => None,
         }
-        let fresh = Arc::new(self.conn().await?);
-        // Lookups that found the slot empty at the same time race to fill it; the first one's
-        // connection stays, the others' go back to the pool when their lookup ends.
-        let mut filled = slot.write().unwrap_or_else(PoisonError::into_inner);
-        Ok(filled.get_or_insert(fresh).clone())
+    }
+
+    /// A pooled connection to the read replica, if one is configured.
+    async fn replica_conn(&self) -> Option<Result<Pooled, StoreError>> {
+        match &self.replica {
+            Some(replica) => Some(replica.pool.get().await.map_err(StoreError::from)),
+            None => None,
+        }
+    }
+
+    /// Runs a single-row lookup on a shared connection: on the read replica first, if one is
+    /// configured, and on the primary when the replica finds nothing or fails.
+    async fn lookup<T, F, Fut>(&self, query: F) -> Result<Option<T>, StoreError>
+    where
+        F: Fn(Arc<Pooled>) -> Fut,
+        Fut: Future<Output = QueryResult<Option<T>>>,
+    {
+        if let Some(replica) = self.replica_reader().await {
+            let found = match replica {
+                Ok(conn) => {
+                    let result = query(conn.clone()).await;
+                    self.after_read(&conn, result)
+                }
+                Err(e) => Err(e),
+            };
+            match found {
+                Ok(Some(row)) => return Ok(Some(row)),
+                Ok(None) => {}
+                Err(e) => tracing::debug!(error = %e, "read replica failed; asking the primary"),
+            }
+        }
+        let conn = self.reader().await?;
+        let result = query(conn.clone()).await;
+        self.after_read(&conn, result)
     }
 
     /// Classifies a lookup's result, and stops sharing `conn` if the database failed under it.
@@ -227,15 +241,83 @@ impl Store {
         result.map_err(|e| {
             let error = StoreError::classify(e);
             if matches!(error, StoreError::Unavailable(_)) {
-                for slot in &self.readers.slots {
-                    let mut held = slot.write().unwrap_or_else(PoisonError::into_inner);
-                    if held.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
-                        *held = None;
-                    }
+                self.readers.forget(conn);
+                if let Some(replica) = &self.replica {
+                    replica.forget(conn);
                 }
             }
             error
         })
+    }
+}
+
+/// Builds a pool of connections to `database`.
+fn pool(database: &Database, options: &PoolOptions) -> Result<Pool<AsyncPgConnection>, StoreError> {
+    let statement_timeout_ms = options.statement_timeout.as_millis();
+    let mut config = ManagerConfig::<AsyncPgConnection>::default();
+    // The connection's health shows on first use; a test query on every checkout would add a
+    // round trip to every request.
+    config.recycling_method = RecyclingMethod::Fast;
+    let connect = database.clone();
+    config.custom_setup = Box::new(move |_url| {
+        let database = connect.clone();
+        async move {
+            let mut conn = database.connect_diesel().await.map_err(|e| {
+                let (StoreError::Unavailable(why) | StoreError::Query(why)) = e;
+                diesel::ConnectionError::BadConnection(why)
+            })?;
+            conn.batch_execute(&format!(
+                "SET application_name = 'idmap'; SET statement_timeout = {statement_timeout_ms}"
+            ))
+            .await
+            .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+            Ok(conn)
+        }
+        .boxed()
+    });
+    // The URL is not used: `custom_setup` connects with `database`.
+    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config("", config);
+    Pool::builder(manager)
+        .max_size(options.max_size)
+        .wait_timeout(Some(options.wait_timeout))
+        .create_timeout(Some(options.wait_timeout))
+        .runtime(deadpool::Runtime::Tokio1)
+        .build()
+        .map_err(|e| StoreError::Unavailable(format!("cannot build the pool: {e}")))
+}
+
+impl Readers {
+    fn new(pool: Pool<AsyncPgConnection>, options: &PoolOptions) -> Self {
+        Self {
+            pool,
+            slots: (0..options.read_connections.max(1))
+                .map(|_| RwLock::new(None))
+                .collect(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// A shared connection, round robin.
+    async fn get(&self) -> Result<Arc<Pooled>, StoreError> {
+        let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
+        if let Some(conn) = slot.read().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            return Ok(conn.clone());
+        }
+        let fresh = Arc::new(self.pool.get().await?);
+        // Lookups that found the slot empty at the same time race to fill it; the first one's
+        // connection stays, the others' go back to the pool when their lookup ends.
+        let mut filled = slot.write().unwrap_or_else(PoisonError::into_inner);
+        Ok(filled.get_or_insert(fresh).clone())
+    }
+
+    /// Stops sharing `conn`, which the database failed under.
+    fn forget(&self, conn: &Arc<Pooled>) {
+        for slot in &self.slots {
+            let mut held = slot.write().unwrap_or_else(PoisonError::into_inner);
+            if held.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+                *held = None;
+            }
+        }
     }
 }
 

@@ -73,28 +73,55 @@ macro_rules! select_users {
 impl Store {
     /// The user linked to an Ory identity.
     pub async fn user_by_identity(&self, id: IdentityId) -> Result<Option<User>, StoreError> {
-        let conn = self.reader().await?;
-        let row: QueryResult<Option<UserWithExternalId>> = select_users!()
-            .filter(users::ory_identity_id.eq(id.as_uuid()))
-            .first(&mut &**conn)
-            .await
-            .optional();
-        let row = self.after_read(&conn, row)?;
+        let row = self
+            .lookup(|conn| async move {
+                select_users!()
+                    .filter(users::ory_identity_id.eq(id.as_uuid()))
+                    .first::<UserWithExternalId>(&mut &**conn)
+                    .await
+                    .optional()
+            })
+            .await?;
         Ok(row.map(|(user, ext)| user.into_domain(ext)))
     }
 
-    /// The users linked to any of `ids`, in one query.
+    /// The users linked to any of `ids`, in one query (two with a read replica that lacks some).
     pub async fn users_by_identities(&self, ids: &[IdentityId]) -> Result<Vec<User>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let uuids: Vec<uuid::Uuid> = ids.iter().map(IdentityId::as_uuid).collect();
+        let mut uuids: Vec<uuid::Uuid> = ids.iter().map(IdentityId::as_uuid).collect();
+        let mut rows: Vec<UserWithExternalId> = Vec::new();
+        if let Some(replica) = self.replica_conn().await {
+            let found = match replica {
+                Ok(mut conn) => select_users!()
+                    .filter(users::ory_identity_id.eq_any(&uuids))
+                    .load::<UserWithExternalId>(&mut conn)
+                    .await
+                    .map_err(StoreError::classify),
+                Err(e) => Err(e),
+            };
+            match found {
+                Ok(found) => {
+                    uuids.retain(|id| !found.iter().any(|(u, _)| u.ory_identity_id == *id));
+                    rows = found;
+                }
+                Err(e) => tracing::debug!(error = %e, "read replica failed; asking the primary"),
+            }
+            if uuids.is_empty() {
+                return Ok(rows
+                    .into_iter()
+                    .map(|(u, ext)| u.into_domain(ext))
+                    .collect());
+            }
+        }
         let mut conn = self.conn().await?;
-        let rows: Vec<UserWithExternalId> = select_users!()
+        let primary: Vec<UserWithExternalId> = select_users!()
             .filter(users::ory_identity_id.eq_any(uuids))
             .load(&mut conn)
             .await
             .map_err(StoreError::classify)?;
+        rows.extend(primary);
         Ok(rows
             .into_iter()
             .map(|(user, ext)| user.into_domain(ext))
@@ -106,19 +133,21 @@ impl Store {
         &self,
         external_id: &ExternalId,
     ) -> Result<Option<User>, StoreError> {
-        let conn = self.reader().await?;
-        let row: QueryResult<Option<UserWithExternalId>> = users::table
-            .inner_join(user_external_ids::table)
-            .filter(user_external_ids::namespace.eq(DEFAULT_NAMESPACE))
-            .filter(user_external_ids::external_id.eq(external_id.as_str()))
-            .select((
-                UserRow::as_select(),
-                user_external_ids::external_id.nullable(),
-            ))
-            .first(&mut &**conn)
-            .await
-            .optional();
-        let row = self.after_read(&conn, row)?;
+        let row = self
+            .lookup(|conn| async move {
+                users::table
+                    .inner_join(user_external_ids::table)
+                    .filter(user_external_ids::namespace.eq(DEFAULT_NAMESPACE))
+                    .filter(user_external_ids::external_id.eq(external_id.as_str()))
+                    .select((
+                        UserRow::as_select(),
+                        user_external_ids::external_id.nullable(),
+                    ))
+                    .first::<UserWithExternalId>(&mut &**conn)
+                    .await
+                    .optional()
+            })
+            .await?;
         Ok(row.map(|(user, ext)| user.into_domain(ext)))
     }
 

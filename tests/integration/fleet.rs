@@ -295,3 +295,105 @@ async fn a_listening_connection_that_goes_silent_is_replaced() {
     env.server.heard_everything_from(&b, PATIENCE).await;
     b.stop().await;
 }
+
+/// Writes a user straight into `db`, as replication would have.
+async fn replicated_user(db: &TestDb, identity: uuid::Uuid, external_id: &str) -> uuid::Uuid {
+    let user = uuid::Uuid::new_v4();
+    db.run_sql(&format!(
+        "INSERT INTO users (id, ory_identity_id, schema_id) VALUES ('{user}', '{identity}', 'customer'); \
+         INSERT INTO user_external_ids (external_id, user_id) VALUES ('{external_id}', '{user}')"
+    ))
+    .await;
+    user
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_read_the_replica_and_ask_the_primary_for_what_it_lacks() {
+    use idmap::proto::api::{BatchGetUsersRequest, GetByExternalIdRequest, GetUserByOryIdRequest};
+    // A "replica" that has replicated one user the primary no longer has, and lags behind on
+    // everything since: a database of its own, so the test can tell where an answer came from.
+    let replica = TestDb::new().await;
+    let replica_url = replica.url();
+    let env = Env::with(move |c| c.database_read_url = Some(replica_url)).await;
+    let old = uuid::Uuid::new_v4();
+    let old_user = replicated_user(&replica, old, "crm-replica").await;
+
+    let mut client = env.client();
+    let from_replica = client
+        .get_user_by_ory_id(GetUserByOryIdRequest {
+            ory_identity_id: old.to_string(),
+        })
+        .await
+        .expect("read from the replica")
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(from_replica.id, old_user.to_string());
+    let by_external = client
+        .get_by_external_id(GetByExternalIdRequest {
+            external_id: "crm-replica".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(by_external.id, old_user.to_string());
+
+    // Linked a moment ago on the primary, not yet replicated: found all the same.
+    let (identity, _) = env.customer("fresh@example.com");
+    let linked = client
+        .link_identity(link_with(identity, "", "crm-fresh"))
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    let found = client
+        .get_user_by_ory_id(GetUserByOryIdRequest {
+            ory_identity_id: identity.to_string(),
+        })
+        .await
+        .expect("a fresh link is never missing")
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(found.id, linked.id);
+    let batch = client
+        .batch_get_users(BatchGetUsersRequest {
+            ory_identity_ids: vec![old.to_string(), identity.to_string()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ids: Vec<String> = batch.users.iter().map(|u| u.id.clone()).collect();
+    ids.sort();
+    let mut expected = vec![old_user.to_string(), linked.id.clone()];
+    expected.sort();
+    assert_eq!(ids, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_replica_leaves_lookups_to_the_primary() {
+    use idmap::proto::api::GetUserByOryIdRequest;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let env = Env::with(move |c| {
+        c.database_read_url = Some(secrecy::SecretString::from(format!(
+            "postgres://postgres@127.0.0.1:{closed}/postgres"
+        )))
+    })
+    .await;
+    let (identity, _) = env.customer("replica-down@example.com");
+    let mut client = env.client();
+    client.link_identity(link(identity)).await.unwrap();
+    client
+        .get_user_by_ory_id(GetUserByOryIdRequest {
+            ory_identity_id: identity.to_string(),
+        })
+        .await
+        .expect("the primary answers");
+}
