@@ -139,6 +139,18 @@ impl Expiry<SessionKey, Arc<SessionEntry>> for FreshFor {
     ) -> Option<Duration> {
         Some(value.fresh_for)
     }
+
+    // A re-validated answer replaces the entry it refreshes: it lives its own TTL, not what was
+    // left of the old one's (moka's default for an update).
+    fn expire_after_update(
+        &self,
+        _key: &SessionKey,
+        value: &Arc<SessionEntry>,
+        _updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.fresh_for)
+    }
 }
 
 struct UsableFor;
@@ -149,6 +161,16 @@ impl Expiry<SessionKey, Arc<StaleEntry>> for UsableFor {
         _key: &SessionKey,
         value: &Arc<StaleEntry>,
         _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(value.usable_for)
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &SessionKey,
+        value: &Arc<StaleEntry>,
+        _updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
         Some(value.usable_for)
     }

@@ -397,3 +397,35 @@ async fn an_unreachable_replica_leaves_lookups_to_the_primary() {
         .await
         .expect("the primary answers");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refreshed_entry_lives_its_own_ttl() {
+    // One replica, nothing shared: the refreshed answer must replace the entry for a whole TTL,
+    // not for what was left of the old one.
+    const TTL: Duration = Duration::from_secs(2);
+    let env = Env::with(|c| {
+        c.cache.session_ttl = TTL;
+        c.cache.shared_sessions = false;
+    })
+    .await;
+    let (_, session) = env.customer("own-ttl@example.com");
+    let started = tokio::time::Instant::now();
+    let mut client = env.client();
+    client.resolve_session(token(&session.token)).await.unwrap();
+    while env.ory.calls(Route::Whoami) < 2 {
+        assert!(
+            started.elapsed() < TTL,
+            "no refresh before the entry expired"
+        );
+        client.resolve_session(token(&session.token)).await.unwrap();
+    }
+    // The refresh landed at about 0.8 TTL; keep resolving past the first entry's end.
+    while started.elapsed() < TTL + Duration::from_millis(500) {
+        client.resolve_session(token(&session.token)).await.unwrap();
+    }
+    assert_eq!(
+        env.ory.calls(Route::Whoami),
+        2,
+        "the refreshed entry expired with the old one"
+    );
+}

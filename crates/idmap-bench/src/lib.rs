@@ -82,6 +82,11 @@ pub enum Scenario {
     MemoryPerSession,
     /// Cold lookups' p99 with --users users, then with --scale-users users.
     LookupScale,
+    /// --fleet-replicas servers on one PostgreSQL and one emulator, --fleet-sessions sessions
+    /// resolved round-robin over them for --fleet-duration with a --fleet-ttl TTL (shared session
+    /// cache off, then on): whoami calls per session; then a replica started into the warm fleet
+    /// resolves every session once: its whoami calls.
+    Fleet,
 }
 
 impl Scenario {
@@ -100,6 +105,7 @@ impl Scenario {
             Self::TtlSoak => "ttl-soak",
             Self::MemoryPerSession => "memory-per-session",
             Self::LookupScale => "lookup-scale",
+            Self::Fleet => "fleet",
         }
     }
 
@@ -113,6 +119,7 @@ impl Scenario {
                 | Self::Coalesce
                 | Self::TtlSoak
                 | Self::MemoryPerSession
+                | Self::Fleet
         )
     }
 
@@ -200,6 +207,22 @@ pub struct BenchArgs {
     /// ttl-soak's IDMAP_SESSION_CACHE_TTL (the target: 30s).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub soak_ttl: Duration,
+
+    /// Replicas of the fleet scenario (the target: 3).
+    #[arg(long, default_value_t = 3)]
+    pub fleet_replicas: usize,
+
+    /// Sessions the fleet scenario resolves (the target: 2000).
+    #[arg(long, default_value_t = 2_000)]
+    pub fleet_sessions: usize,
+
+    /// How long the fleet scenario resolves them, per setting (the target: 60s).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub fleet_duration: Duration,
+
+    /// The fleet's IDMAP_SESSION_CACHE_TTL (the target: 30s).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub fleet_ttl: Duration,
 
     /// Users lookup-scale grows the table to for its second measurement.
     #[arg(long, default_value_t = 1_000_000)]
@@ -754,6 +777,135 @@ async fn scenarios_in_process(
     }
     if selected.contains(&Scenario::LookupScale) {
         lookup_scale(args, &base, db, emulator, report).await?;
+    }
+    if selected.contains(&Scenario::Fleet) {
+        fleet(args, &base, emulator, &identities, report).await?;
+    }
+    Ok(())
+}
+
+/// Channels to every server, interleaved, so the load's connections, and so its calls, are spread
+/// round-robin over the replicas.
+async fn fleet_channels(servers: &[Server], connections: usize) -> anyhow::Result<Vec<Channel>> {
+    let per_server = connections.div_ceil(servers.len().max(1)).max(1);
+    let mut each = Vec::with_capacity(servers.len());
+    for server in servers {
+        each.push(env::connect_channels(&server.addr.to_string(), per_server).await?);
+    }
+    let mut channels = Vec::with_capacity(per_server * servers.len());
+    for i in 0..per_server {
+        for of_server in &each {
+            channels.push(of_server[i].clone());
+        }
+    }
+    Ok(channels)
+}
+
+async fn fleet(
+    args: &BenchArgs,
+    base: &Config,
+    emulator: &Emulator,
+    identities: &[Uuid],
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let name = Scenario::Fleet.name();
+    let replicas = args.fleet_replicas.max(1);
+    for shared in [false, true] {
+        let mut config = base.clone();
+        config.cache.session_ttl = args.fleet_ttl;
+        config.cache.session_max_entries = config
+            .cache
+            .session_max_entries
+            .max(args.fleet_sessions as u64);
+        config.cache.shared_sessions = shared;
+        config.ory.whoami_rps = None;
+        let label = format!(
+            "{replicas} replicas, IDMAP_SESSION_CACHE_SHARED={}, IDMAP_SESSION_CACHE_TTL={}, IDMAP_ORY_WHOAMI_RPS=0",
+            if shared { "on" } else { "off" },
+            humantime::format_duration(args.fleet_ttl)
+        );
+        let mut servers = Vec::with_capacity(replicas);
+        for _ in 0..replicas {
+            servers.push(Server::start(config.clone()).await?);
+        }
+        let channels = fleet_channels(&servers, args.connections.max(replicas)).await?;
+        let tokens = Arc::new(new_sessions(
+            emulator,
+            identities,
+            args.fleet_sessions.max(1),
+        ));
+        let plan = Plan {
+            warmup: Duration::ZERO,
+            duration: args.fleet_duration,
+            connections: channels.len(),
+            ..args.plan()
+        };
+        eprintln!(
+            "bench: {name} ({label}, {} sessions for {:?})",
+            tokens.len(),
+            args.fleet_duration
+        );
+        let load = load::run(
+            plan,
+            resolve(clients(&channels), tokens.clone(), false),
+            Some(emulator),
+        )
+        .await;
+        let whoami = load.ory.map_or(0, |o| o.whoami);
+        let per_session = whoami as f64 / tokens.len() as f64;
+        report.rows.push(Row {
+            scenario: name.into(),
+            server: format!(
+                "{label}; {} sessions for {}",
+                tokens.len(),
+                humantime::format_duration(args.fleet_duration)
+            ),
+            load,
+            baseline: None,
+            rss_bytes: report::rss_bytes(),
+        });
+        report.findings.push(Finding {
+            scenario: name.into(),
+            what: format!(
+                "whoami calls per session across {replicas} replicas, shared session cache {} ({} sessions, {} of continuous resolving, TTL {})",
+                if shared { "on" } else { "off" },
+                tokens.len(),
+                humantime::format_duration(args.fleet_duration),
+                humantime::format_duration(args.fleet_ttl)
+            ),
+            value: per_session,
+            shown: format!("{per_session:.2} ({whoami} calls)"),
+            target: shared.then(|| "at most 3 (3 replicas, 2,000 sessions, 60 s, TTL 30 s)".into()),
+            met: shared.then_some(per_session <= 3.0),
+        });
+
+        if shared {
+            // A replica joins the warm fleet: its first resolve of each session must not reach Ory.
+            let joined = Server::start(config.clone()).await?;
+            let joined_channels =
+                env::connect_channels(&joined.addr.to_string(), args.connections).await?;
+            let before = OryCalls::snapshot(emulator);
+            let first = resolve_all(args, clients(&joined_channels), tokens.clone()).await;
+            let asked = OryCalls::snapshot(emulator).since(before).whoami;
+            report.findings.push(Finding {
+                scenario: name.into(),
+                what: format!(
+                    "whoami calls of a replica started into the warm fleet, resolving each of the {} sessions once ({} errors)",
+                    tokens.len(),
+                    first.errors
+                ),
+                value: asked as f64,
+                shown: format!("{asked} calls"),
+                target: Some("0".into()),
+                met: Some(asked == 0 && first.errors == 0),
+            });
+            drop(joined_channels);
+            joined.stop().await?;
+        }
+        drop(channels);
+        for server in servers {
+            server.stop().await?;
+        }
     }
     Ok(())
 }
