@@ -72,3 +72,116 @@ async fn database_outage_is_unavailable_and_idmap_recovers() {
     assert_eq!(found.id, user.id);
     client.resolve_session(resolve).await.unwrap();
 }
+
+/// PostgreSQL restarted (a crash, a failover) while idmap serves: cached sessions keep answering,
+/// what needs the database is UNAVAILABLE (never INTERNAL), and idmap recovers by itself, its
+/// listener included, with nothing queued for Ory lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_under_load_costs_only_what_needs_it() {
+    use embedded_pg::EmbeddedPg;
+    use idmap::store::{Database, migrate};
+    use secrecy::SecretString;
+
+    let cluster = tokio::task::spawn_blocking(EmbeddedPg::start)
+        .await
+        .unwrap()
+        .expect("a private PostgreSQL to restart");
+    let url = SecretString::from(cluster.url());
+    migrate::run_pending(&Database::new(&url).unwrap())
+        .await
+        .unwrap();
+    let ory = emulator().await;
+    let mut config = config_for_url(url, &ory.url());
+    config.listen_heartbeat = std::time::Duration::from_millis(200);
+    // A delivery whose outcome cannot be recorded while the database is down keeps its claim
+    // until the lease runs out: short here, so the test sees the write arrive after it.
+    config.outbox.row_budget = std::time::Duration::from_secs(1);
+    config.outbox.lease = std::time::Duration::from_secs(2);
+    let server = TestServer::start(config).await;
+    let mut client = server.client.clone();
+    let person = identity(&ory, "customer", "restart@example.com");
+    let session = ory.create_session(person, kratos_emulator::NewSession::default());
+    let resolve = ResolveSessionRequest {
+        credential: Some(Credential::SessionToken(session.token.clone())),
+    };
+    client.resolve_session(resolve.clone()).await.unwrap();
+    let unknown = GetByExternalIdRequest {
+        external_id: "nobody".into(),
+    };
+    let mut reconnects = server.reconnects();
+    // A link whose Ory write cannot be delivered yet: it waits in the outbox across the restart.
+    ory.inject_fault(
+        kratos_emulator::Route::AdminWrite,
+        kratos_emulator::Fault::status(503),
+    );
+    let queued = identity(&ory, "customer", "queued@example.com");
+    let queued_user = client
+        .link_identity(LinkIdentityRequest {
+            ory_identity_id: queued.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+
+    tokio::task::block_in_place(|| cluster.halt()).expect("stop PostgreSQL");
+    for i in 0..20 {
+        // A cached session needs no database.
+        client
+            .resolve_session(resolve.clone())
+            .await
+            .expect("a cached session is answered while the database is down");
+        let err = client
+            .get_by_external_id(unknown.clone())
+            .await
+            .unwrap_err();
+        assert_code(&err, Code::Unavailable);
+        assert_eq!(error_info(&err).0, "DATABASE_UNAVAILABLE");
+        let newcomer = identity(&ory, "customer", &format!("newcomer{i}@example.com"));
+        let err = client
+            .link_identity(LinkIdentityRequest {
+                ory_identity_id: newcomer.to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_code(&err, Code::Unavailable);
+    }
+    tokio::task::block_in_place(|| cluster.resume()).expect("restart PostgreSQL");
+
+    // Back without a restart of idmap: lookups, links (and their Ory write), the listener.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match client.get_by_external_id(unknown.clone()).await {
+            Err(e) if e.code() == Code::NotFound => break,
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "idmap did not recover: {e:?}"
+                );
+            }
+            Ok(_) => panic!("found a user nobody linked"),
+        }
+    }
+    let linked = client
+        .link_identity(LinkIdentityRequest {
+            ory_identity_id: person.to_string(),
+            ..Default::default()
+        })
+        .await
+        .expect("links once the database is back")
+        .into_inner()
+        .user
+        .unwrap();
+    ory.clear_faults();
+    wait_for_metadata_id(&ory, person, &linked.id).await;
+    wait_for_metadata_id(&ory, queued, &queued_user.id).await;
+    tokio::time::timeout(PATIENCE, reconnects.wait_for(|n| *n >= 1))
+        .await
+        .expect("the listener reconnected")
+        .unwrap();
+    server.stop().await;
+}

@@ -306,6 +306,26 @@ impl EmbeddedPg {
         self.shutdown()
     }
 
+    /// Stops the server as a crash or failover would look to clients (fast shutdown: open
+    /// connections are cut), keeping the data and the port for [`EmbeddedPg::resume`].
+    pub fn halt(&self) -> Result<(), Error> {
+        let mut cmd = self.command(self.bin_dir.join("pg_ctl"));
+        cmd.arg("stop").arg("-D").arg(&self.data_dir).args([
+            "-m",
+            "fast",
+            "-w",
+            "-t",
+            PG_CTL_TIMEOUT_SECS,
+        ]);
+        run(&mut cmd, "pg_ctl stop")?;
+        Ok(())
+    }
+
+    /// Starts a server stopped by [`EmbeddedPg::halt`] again, on the same port, with its data.
+    pub fn resume(&self) -> Result<(), Error> {
+        self.try_start_server(self.port)
+    }
+
     fn log_file(&self) -> PathBuf {
         self.base_dir.join("postgres.log")
     }
