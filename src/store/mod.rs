@@ -16,7 +16,7 @@ mod schema;
 mod session_cache;
 mod users;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError, QueryResult};
@@ -58,11 +58,16 @@ impl StoreError {
                 DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
                 _,
             ) => Self::Unavailable(message),
-            // 40001, and 25006 from a primary demoted to a replica: retrying (elsewhere) helps.
-            DieselError::DatabaseError(
-                DatabaseErrorKind::SerializationFailure | DatabaseErrorKind::ReadOnlyTransaction,
-                _,
-            ) => Self::Unavailable(message),
+            // 40001: retrying helps.
+            DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => {
+                Self::Unavailable(message)
+            }
+            // 25006 from a primary demoted to a replica: retrying elsewhere helps, so the
+            // connections to it are dropped ([`DEMOTIONS`]) and new ones find the new primary.
+            DieselError::DatabaseError(DatabaseErrorKind::ReadOnlyTransaction, _) => {
+                DEMOTIONS.fetch_add(1, Ordering::Relaxed);
+                Self::Unavailable(message)
+            }
             DieselError::DatabaseError(DatabaseErrorKind::Unknown, info)
                 if transient_sqlstate_message(info.message()) =>
             {
@@ -82,6 +87,12 @@ impl StoreError {
         }
     }
 }
+
+/// Read-only errors seen (25006: the server was a primary and is now a replica, after a
+/// failover). A store that sees this move drops its idle and shared connections before its next
+/// checkout. Counted process-wide because `classify` runs where no store is at hand (inside
+/// transactions); a store in the same process that did not meet the error only reconnects.
+static DEMOTIONS: AtomicU64 = AtomicU64::new(0);
 
 /// SQLSTATEs of conditions that pass: connection exceptions (08), insufficient resources (53),
 /// operator intervention such as a restart or a statement timeout (57), transaction rollbacks
@@ -129,6 +140,8 @@ pub struct Store {
     /// A read replica (`DATABASE_READ_URL`) for user lookups, if one is configured.
     replica: Option<Arc<Readers>>,
     database: Database,
+    /// The [`DEMOTIONS`] count this store last dropped its connections for.
+    demotions_handled: Arc<AtomicU64>,
 }
 
 type Pooled = Object<AsyncPgConnection>;
@@ -161,6 +174,7 @@ impl Store {
             pool,
             replica: None,
             database: database.clone(),
+            demotions_handled: Arc::new(AtomicU64::new(DEMOTIONS.load(Ordering::Relaxed))),
         })
     }
 
@@ -186,11 +200,30 @@ impl Store {
     }
 
     async fn conn(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
+        self.drop_demoted();
         Ok(self.pool.get().await?)
+    }
+
+    /// After a read-only error, drops every idle and shared connection to the primary: they may
+    /// all lead to the demoted server, and a new connection resolves the primary's address again.
+    fn drop_demoted(&self) {
+        let seen = DEMOTIONS.load(Ordering::Relaxed);
+        if self.demotions_handled.load(Ordering::Relaxed) == seen
+            || self.demotions_handled.swap(seen, Ordering::Relaxed) == seen
+        {
+            return;
+        }
+        let dropped = self.pool.retain(|_, _| false).removed.len();
+        self.readers.clear();
+        tracing::warn!(
+            dropped,
+            "the database refused a write as read-only (a demoted primary?); reconnecting"
+        );
     }
 
     /// A shared lookup connection ([`Readers`]) to the primary, round robin.
     async fn reader(&self) -> Result<Arc<Pooled>, StoreError> {
+        self.drop_demoted();
         self.readers.get().await
     }
 
@@ -308,6 +341,13 @@ impl Readers {
         // connection stays, the others' go back to the pool when their lookup ends.
         let mut filled = slot.write().unwrap_or_else(PoisonError::into_inner);
         Ok(filled.get_or_insert(fresh).clone())
+    }
+
+    /// Stops sharing every connection.
+    fn clear(&self) {
+        for slot in &self.slots {
+            *slot.write().unwrap_or_else(PoisonError::into_inner) = None;
+        }
     }
 
     /// Stops sharing `conn`, which the database failed under.

@@ -185,3 +185,95 @@ async fn postgres_restarted_under_load_costs_only_what_needs_it() {
         .unwrap();
     server.stop().await;
 }
+
+/// After a failover the old primary answers writes with "read-only transaction": those are
+/// UNAVAILABLE, and idmap drops its connections rather than keep writing to a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demoted_primary_is_unavailable_and_its_connections_are_dropped() {
+    use embedded_pg::EmbeddedPg;
+    use idmap::store::{Database, migrate};
+    use secrecy::SecretString;
+
+    let cluster = tokio::task::spawn_blocking(EmbeddedPg::start)
+        .await
+        .unwrap()
+        .expect("a private PostgreSQL to demote");
+    let url = SecretString::from(cluster.url());
+    migrate::run_pending(&Database::new(&url).unwrap())
+        .await
+        .unwrap();
+    let ory = emulator().await;
+    let server = TestServer::start(config_for_url(url, &ory.url())).await;
+    let mut client = server.client.clone();
+    let link = |email: &str| LinkIdentityRequest {
+        ory_identity_id: identity(&ory, "customer", email).to_string(),
+        ..Default::default()
+    };
+    // Connections in the pool, all made before the "failover".
+    let warm = futures::future::join_all((0..4).map(|i| {
+        let mut client = client.clone();
+        let request = link(&format!("warm{i}@example.com"));
+        async move { client.link_identity(request).await }
+    }))
+    .await;
+    assert!(warm.iter().all(Result::is_ok));
+
+    // The connections idmap holds now lead to a server that refuses writes; connections made from
+    // now on lead to one that accepts them (as after a failover and a DNS switch).
+    let (admin, connection) = tokio_postgres::connect(&cluster.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    for statement in [
+        "ALTER DATABASE postgres SET default_transaction_read_only = off",
+        "ALTER SYSTEM SET default_transaction_read_only = on",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(statement).await.unwrap();
+    }
+    // The reload reaches sessions asynchronously: once this older session has it, the postmaster
+    // has passed it on to every backend, which applies it before its next command.
+    loop {
+        let row = admin
+            .query_one("SHOW default_transaction_read_only", &[])
+            .await
+            .unwrap();
+        if row.get::<_, String>(0) == "on" {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+
+    // A write over one of the old connections is refused as unavailable (a link may also go over
+    // a connection made after the switch, which works: keep linking until one meets an old one).
+    let mut n = 0;
+    let refused = loop {
+        n += 1;
+        assert!(n <= 20, "no write met a read-only connection");
+        if let Err(e) = client
+            .link_identity(link(&format!("during{n}@example.com")))
+            .await
+        {
+            break e;
+        }
+    };
+    assert_code(&refused, Code::Unavailable);
+    assert_eq!(error_info(&refused).0, "DATABASE_UNAVAILABLE");
+    // Then the old connections are dropped: writes succeed from now on (a connection that was in
+    // use elsewhere during the drop may fail once more when it is next used).
+    let mut failures = 0;
+    for i in 0..10 {
+        if client
+            .link_identity(link(&format!("after{i}@example.com")))
+            .await
+            .is_err()
+        {
+            failures += 1;
+        }
+    }
+    assert!(
+        failures <= 2,
+        "{failures} of 10 writes after the switch failed"
+    );
+    server.stop().await;
+}
