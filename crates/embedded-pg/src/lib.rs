@@ -510,18 +510,10 @@ impl EmbeddedPg {
         let mut result = Ok(());
 
         // postmaster.pid exists exactly while a server may be running.
-        if self.data_dir.join("postmaster.pid").exists() {
-            let mut cmd = self.command(self.bin_dir.join("pg_ctl"));
-            cmd.arg("stop").arg("-D").arg(&self.data_dir).args([
-                "-m",
-                "fast",
-                "-w",
-                "-t",
-                PG_CTL_TIMEOUT_SECS,
-            ]);
-            if let Err(err) = run(&mut cmd, "pg_ctl stop") {
-                result = Err(err);
-            }
+        if self.data_dir.join("postmaster.pid").exists()
+            && let Err(err) = self.halt()
+        {
+            result = Err(err);
         }
 
         // Closing the pipe wakes the watchdog, which stops the server the hard
