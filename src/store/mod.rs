@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError, QueryResult};
-use diesel_async::pooled_connection::deadpool::{Object, Pool, PoolError};
+use diesel_async::pooled_connection::deadpool::{Hook, HookError, Object, Pool, PoolError};
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
 };
@@ -63,9 +63,9 @@ impl StoreError {
                 Self::Unavailable(message)
             }
             // 25006 from a primary demoted to a replica: retrying elsewhere helps, so the
-            // connections to it are dropped ([`DEMOTIONS`]) and new ones find the new primary.
+            // connections to it are dropped ([`demotion`]) and new ones find the new primary.
             DieselError::DatabaseError(DatabaseErrorKind::ReadOnlyTransaction, _) => {
-                DEMOTIONS.fetch_add(1, Ordering::Relaxed);
+                demotion::record();
                 Self::Unavailable(message)
             }
             DieselError::DatabaseError(DatabaseErrorKind::Unknown, info)
@@ -88,11 +88,44 @@ impl StoreError {
     }
 }
 
-/// Read-only errors seen (25006: the server was a primary and is now a replica, after a
-/// failover). A store that sees this move drops its idle and shared connections before its next
-/// checkout. Counted process-wide because `classify` runs where no store is at hand (inside
-/// transactions); a store in the same process that did not meet the error only reconnects.
-static DEMOTIONS: AtomicU64 = AtomicU64::new(0);
+/// Read-only errors (25006: the server was a primary and is now a replica, after a failover) mean
+/// that every connection opened until then may lead to the demoted server, while one opened now
+/// resolves the primary's address again. Recorded process-wide because `classify` runs where no
+/// store is at hand (inside transactions); a store in the same process that did not meet the error
+/// only reconnects once.
+mod demotion {
+    use std::sync::LazyLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Instant;
+
+    static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+    /// When the last read-only error was seen, in nanoseconds after [`EPOCH`]; 0 for never.
+    static LAST: AtomicU64 = AtomicU64::new(0);
+
+    /// Fixes the epoch before any connection is opened, so none predates it.
+    pub(super) fn init() {
+        LazyLock::force(&EPOCH);
+    }
+
+    pub(super) fn record() {
+        let nanos = u64::try_from(EPOCH.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        LAST.fetch_max(nanos.max(1), Ordering::Relaxed);
+    }
+
+    /// The last demotion seen, as a value that only grows (0 for none).
+    pub(super) fn last() -> u64 {
+        LAST.load(Ordering::Relaxed)
+    }
+
+    /// Whether a connection opened at `created` was opened before the last demotion, so it may
+    /// lead to the demoted server. A pool hook asks on every checkout: one atomic load.
+    pub(super) fn predates(created: Instant) -> bool {
+        match LAST.load(Ordering::Relaxed) {
+            0 => false,
+            nanos => created.saturating_duration_since(*EPOCH).as_nanos() <= u128::from(nanos),
+        }
+    }
+}
 
 /// SQLSTATEs of conditions that pass: connection exceptions (08), insufficient resources (53),
 /// operator intervention such as a restart or a statement timeout (57), transaction rollbacks
@@ -140,7 +173,7 @@ pub struct Store {
     /// A read replica (`DATABASE_READ_URL`) for user lookups, if one is configured.
     replica: Option<Arc<Readers>>,
     database: Database,
-    /// The [`DEMOTIONS`] count this store last dropped its connections for.
+    /// The [`demotion::last`] this store last stopped sharing its lookup connections for.
     demotions_handled: Arc<AtomicU64>,
 }
 
@@ -174,7 +207,7 @@ impl Store {
             pool,
             replica: None,
             database: database.clone(),
-            demotions_handled: Arc::new(AtomicU64::new(DEMOTIONS.load(Ordering::Relaxed))),
+            demotions_handled: Arc::new(AtomicU64::new(demotion::last())),
         })
     }
 
@@ -204,17 +237,23 @@ impl Store {
         Ok(self.pool.get().await?)
     }
 
-    /// After a read-only error, drops every idle and shared connection to the primary: they may
-    /// all lead to the demoted server, and a new connection resolves the primary's address again.
+    /// After a read-only error, drops every idle and shared connection to the primary opened
+    /// before it. The pool's hook ([`pool`]) also refuses such connections when they come back
+    /// from a task that held them meanwhile; this closes the idle ones at once and stops sharing
+    /// the lookup connections, which are not checked out again.
     fn drop_demoted(&self) {
-        let seen = DEMOTIONS.load(Ordering::Relaxed);
+        let seen = demotion::last();
         if self.demotions_handled.load(Ordering::Relaxed) == seen
             || self.demotions_handled.swap(seen, Ordering::Relaxed) == seen
         {
             return;
         }
-        let dropped = self.pool.retain(|_, _| false).removed.len();
         self.readers.clear();
+        let dropped = self
+            .pool
+            .retain(|_, metrics| !demotion::predates(metrics.created))
+            .removed
+            .len();
         tracing::warn!(
             dropped,
             "the database refused a write as read-only (a demoted primary?); reconnecting"
@@ -310,7 +349,15 @@ fn pool(database: &Database, options: &PoolOptions) -> Result<Pool<AsyncPgConnec
     });
     // The URL is not used: `custom_setup` connects with `database`.
     let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config("", config);
+    demotion::init();
     Pool::builder(manager)
+        .pre_recycle(Hook::sync_fn(|_, metrics| {
+            if demotion::predates(metrics.created) {
+                Err(HookError::message("opened before the primary was demoted"))
+            } else {
+                Ok(())
+            }
+        }))
         .max_size(options.max_size)
         .wait_timeout(Some(options.wait_timeout))
         .create_timeout(Some(options.wait_timeout))
