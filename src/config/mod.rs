@@ -32,6 +32,7 @@ pub const ENV_WEBHOOK_HEADER: &str = "IDMAP_WEBHOOK_HEADER";
 pub const ENV_PENDING_USER_TTL: &str = "IDMAP_PENDING_USER_TTL";
 
 pub const ENV_OUTBOX_RETRY_MIN: &str = "IDMAP_OUTBOX_RETRY_MIN";
+pub const ENV_OUTBOX_LEASE: &str = "IDMAP_OUTBOX_LEASE";
 pub const ENV_DB_READ_CONNECTIONS: &str = "IDMAP_DB_READ_CONNECTIONS";
 pub const ENV_GRPC_ADDR: &str = "IDMAP_GRPC_ADDR";
 pub const ENV_HTTP_ADDR: &str = "IDMAP_HTTP_ADDR";
@@ -311,6 +312,13 @@ pub struct CommonArgs {
     #[arg(long, env = "IDMAP_OUTBOX_RETRY_MAX", value_name = "IDMAP_OUTBOX_RETRY_MAX", default_value = "5m", value_parser = parse_positive_duration)]
     pub outbox_retry_max: Duration,
 
+    /// How long a claimed Ory write stays invisible to the other replicas' workers: a replica that
+    /// dies while delivering delays its rows by this much, never loses them. At least twice the
+    /// longest one delivery may take (2 x (4 x IDMAP_ORY_TIMEOUT + 5s)), so a live worker's row is
+    /// never taken from it. Unset: 60s, or that minimum if it is longer.
+    #[arg(long, env = ENV_OUTBOX_LEASE, value_name = ENV_OUTBOX_LEASE, value_parser = parse_positive_duration)]
+    pub outbox_lease: Option<Duration>,
+
     /// Longest a validated session is answered from memory (also capped by the session's expiry and
     /// Ory's `Ory-Session-Cache-For`). `0s` turns the session cache off.
     #[arg(long, env = "IDMAP_SESSION_CACHE_TTL", value_name = "IDMAP_SESSION_CACHE_TTL", default_value = "60s", value_parser = parse_duration)]
@@ -544,6 +552,24 @@ impl Config {
                 requirement: "must be smaller than IDMAP_DB_POOL_SIZE (the rest serve writes and batches)",
             });
         }
+        let outbox = OutboxSettings {
+            retry_min: common.outbox_retry_min,
+            retry_max: common.outbox_retry_max,
+            lease: common
+                .outbox_lease
+                .unwrap_or(OutboxSettings::default().lease),
+            ..OutboxSettings::default()
+        }
+        .for_ory_timeout(common.ory_timeout);
+        if common
+            .outbox_lease
+            .is_some_and(|lease| lease < outbox.lease)
+        {
+            return Err(ConfigError::Conflict {
+                setting: ENV_OUTBOX_LEASE,
+                requirement: "must be at least twice the longest one delivery may take: 2 x (4 x IDMAP_ORY_TIMEOUT + 5s)",
+            });
+        }
         let tls = TlsSettings::new(&common)?;
         let admin_url = ory_admin_url.unwrap_or_else(|| ory_public_url.clone());
         if common.ory_api_key.is_some() && !common.allow_insecure_ory {
@@ -582,12 +608,7 @@ impl Config {
                 read_connections: common.db_read_connections,
                 ..PoolOptions::default()
             },
-            outbox: OutboxSettings {
-                retry_min: common.outbox_retry_min,
-                retry_max: common.outbox_retry_max,
-                ..OutboxSettings::default()
-            }
-            .for_ory_timeout(common.ory_timeout),
+            outbox,
             cache: CacheSettings {
                 session_ttl: common.session_cache_ttl,
                 session_max_entries: common.session_cache_max_entries,

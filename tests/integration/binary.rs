@@ -39,7 +39,7 @@ async fn output(mut cmd: Command) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_refuses_bad_settings_and_names_them() {
-    let cases: [(&[(&str, &str)], &str); 8] = [
+    let cases: [(&[(&str, &str)], &str); 9] = [
         (&[("ORY_PUBLIC_URL", "http://kratos:4433")], "DATABASE_URL"),
         (
             &[("DATABASE_URL", "postgres://x@127.0.0.1/x")],
@@ -91,6 +91,16 @@ async fn serve_refuses_bad_settings_and_names_them() {
                 ("IDMAP_TLS_KEY", "/nonexistent/tls.key"),
             ],
             "IDMAP_TLS_CERT",
+        ),
+        (
+            // Shorter than two deliveries at a 1 s Ory timeout (2 x (4 x 1s + 5s) = 18s).
+            &[
+                ("DATABASE_URL", "postgres://x@127.0.0.1/x"),
+                ("ORY_PUBLIC_URL", "http://kratos:4433"),
+                ("IDMAP_ORY_TIMEOUT", "1s"),
+                ("IDMAP_OUTBOX_LEASE", "17s"),
+            ],
+            "IDMAP_OUTBOX_LEASE",
         ),
     ];
     for (env, named) in cases {
@@ -194,10 +204,13 @@ async fn serve_refuses_an_unreachable_or_unmigrated_database() {
     assert_eq!(db.count("SELECT count(*) FROM users").await, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_exits_zero_on_sigterm() {
-    let db = TestDb::new().await;
-    let ory = emulator().await;
+/// `idmap serve` as a child process on `db` and `ory`, with `env` on top; returns once it says it
+/// serves (its listeners are bound by then), with its gRPC port.
+async fn spawn_serve(
+    db: &TestDb,
+    ory: &kratos_emulator::Emulator,
+    env: &[(&str, &str)],
+) -> (std::process::Child, u16) {
     let grpc_port = free_port();
     let mut cmd = idmap(&["serve"]);
     cmd.env("DATABASE_URL", db.url().expose_secret())
@@ -205,12 +218,11 @@ async fn serve_exits_zero_on_sigterm() {
         .env("IDMAP_GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
         .env("IDMAP_HTTP_ADDR", format!("127.0.0.1:{}", free_port()))
         .env("IDMAP_LOG_FORMAT", "json")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn idmap serve");
-
-    // Wait until it says it serves: its listeners are bound by then, so the health check below
-    // is answered as soon as the server runs. The thread keeps reading so the pipe never fills.
+    // The thread keeps reading so the pipe never fills.
     let stderr = child.stderr.take().unwrap();
     let (serving_tx, serving) = tokio::sync::oneshot::channel::<()>();
     std::thread::spawn(move || {
@@ -229,25 +241,107 @@ async fn serve_exits_zero_on_sigterm() {
         .await
         .expect("idmap serve never said it serves")
         .expect("idmap serve exited before serving");
-    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))
+    (child, grpc_port)
+}
+
+async fn channel_to(port: u16) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
         .unwrap()
         .connect()
         .await
-        .expect("connect to idmap serve");
-    HealthClient::new(channel)
+        .expect("connect to idmap serve")
+}
+
+fn signal(child: &std::process::Child, signal: &str) {
+    let sent = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_exits_zero_on_sigterm() {
+    let db = TestDb::new().await;
+    let ory = emulator().await;
+    let (mut child, grpc_port) = spawn_serve(&db, &ory, &[]).await;
+    HealthClient::new(channel_to(grpc_port).await)
         .check(HealthCheckRequest {
             service: String::new(),
         })
         .await
         .expect("idmap serve is healthy");
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    signal(&child, "-TERM");
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
         .await
         .unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+/// A replica SIGKILLed while it delivers an Ory write gives nothing back: the row stays claimed
+/// until its lease runs out, and then another replica delivers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_replica_is_killed_mid_delivery_arrives_once_its_lease_expires() {
+    use idmap::proto::api::identity_service_client::IdentityServiceClient;
+    use kratos_emulator::{Fault, Gate, Route};
+
+    let db = TestDb::new().await;
+    let ory = emulator().await;
+    // The shortest lease a 1 s Ory timeout allows (2 x (4 x 1s + 5s)); a failed attempt would wait
+    // an hour, so only the lease running out can bring the row back within this test.
+    let lease = std::time::Duration::from_secs(18);
+    let (mut child, grpc_port) = spawn_serve(
+        &db,
+        &ory,
+        &[
+            ("IDMAP_ORY_TIMEOUT", "1s"),
+            ("IDMAP_OUTBOX_LEASE", "18s"),
+            ("IDMAP_OUTBOX_RETRY_MIN", "1h"),
+            ("IDMAP_OUTBOX_RETRY_MAX", "1h"),
+        ],
+    )
+    .await;
+    // The replica's write reaches Ory and is held there, unanswered, for good.
+    let gate = Gate::new();
+    ory.inject_fault(Route::AdminWrite, Fault::held(&gate));
+    let person = identity(&ory, "customer", "killed@example.com");
+    let user = IdentityServiceClient::new(channel_to(grpc_port).await)
+        .link_identity(link(person))
+        .await
+        .expect("links")
+        .into_inner()
+        .user
+        .unwrap();
+    assert!(
+        ory.wait_for_calls(Route::AdminWrite, 1, PATIENCE).await,
+        "the replica never sent its write"
+    );
+    signal(&child, "-KILL");
+    tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    // Killed mid-delivery: the row is still claimed, with no failure recorded.
+    assert_eq!(
+        db.count("SELECT count(*) FROM ory_outbox WHERE next_attempt_at > now() AND last_error IS NULL AND attempts = 1")
+            .await,
+        1
+    );
+
+    ory.clear_faults();
+    let survivor = TestServer::start(config(&db, &ory)).await;
+    let delivered = ory
+        .wait_for_identity(
+            person,
+            {
+                let want = user.id.clone();
+                move |i| i["metadata_public"]["id"].as_str() == Some(want.as_str())
+            },
+            lease + PATIENCE,
+        )
+        .await;
+    assert!(delivered.is_some(), "the write never arrived");
+    db.wait_for_outbox("SELECT count(*) FROM ory_outbox", 0)
+        .await;
+    survivor.stop().await;
 }
