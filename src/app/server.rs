@@ -41,10 +41,18 @@ impl GrpcServer {
     ) -> anyhow::Result<Self> {
         let (health, health_service) = tonic_health::server::health_reporter();
         set_status(&health, ServingStatus::Serving).await;
+        // Both versions describe both reflection services, so a client of either lists both; and
+        // the google.rpc detail messages a status carries (ErrorInfo, BadRequest, RetryInfo), so
+        // grpcurl prints a failure's details instead of "not recognized".
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(
+                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                )
         };
         let reflection_v1 = reflection()
             .build_v1()

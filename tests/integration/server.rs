@@ -34,80 +34,72 @@ async fn health_reports_serving_overall_and_for_the_service() {
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
 
+/// Asks reflection version `$version` to list the services and for the file of each symbol, and
+/// checks that every one of `$services` is listed and every symbol's file is served.
+macro_rules! assert_reflection {
+    ($version:ident, $channel:expr, $services:expr, $symbols:expr) => {{
+        use $version::server_reflection_request::MessageRequest;
+        use $version::server_reflection_response::MessageResponse;
+        let version = stringify!($version);
+        let ask = |message_request| $version::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(message_request),
+        };
+        let mut requests = vec![ask(MessageRequest::ListServices(String::new()))];
+        requests.extend(
+            $symbols
+                .iter()
+                .map(|symbol| ask(MessageRequest::FileContainingSymbol((*symbol).into()))),
+        );
+        let answers: Vec<MessageResponse> =
+            $version::server_reflection_client::ServerReflectionClient::new($channel)
+                .server_reflection_info(tokio_stream::iter(requests))
+                .await
+                .unwrap()
+                .into_inner()
+                .map(|answer| answer.unwrap().message_response.unwrap())
+                .collect()
+                .await;
+        let Some(MessageResponse::ListServicesResponse(list)) = answers.first() else {
+            panic!("{version}: unexpected reflection answer: {answers:?}")
+        };
+        let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+        for expected in $services {
+            assert!(
+                names.contains(&expected),
+                "{version}: {expected} missing from {names:?}"
+            );
+        }
+        assert_eq!(answers.len(), 1 + $symbols.len());
+        for (symbol, answer) in $symbols.iter().zip(&answers[1..]) {
+            assert!(
+                matches!(answer, MessageResponse::FileDescriptorResponse(f) if !f.file_descriptor_proto.is_empty()),
+                "{version}: {symbol}: {answer:?}"
+            );
+        }
+    }};
+}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_v1_and_v1alpha_list_and_describe_every_service() {
     let env = Env::new().await;
     let channel = channel(env.server.addr).await;
-
-    let mut v1 = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
-    let request = v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
-            String::new(),
-        )),
-    };
-    let mut stream = v1
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = stream.next().await.unwrap().unwrap();
-    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        response.message_response
-    else {
-        panic!("unexpected reflection answer")
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for expected in [
+    let services = [
         "idmap.v1.IdentityService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
-    ] {
-        assert!(
-            names.iter().any(|n| n == expected),
-            "{expected} missing from {names:?}"
-        );
-    }
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    // grpcurl describes a service, and decodes a status's details, by asking for the file that
+    // contains the symbol; the details are every message a status of idmap's may carry.
+    let symbols = [
+        "idmap.v1.IdentityService",
+        "google.rpc.ErrorInfo",
+        "google.rpc.BadRequest",
+        "google.rpc.RetryInfo",
+    ];
 
-    // grpcurl describes a service by asking for the file that contains the symbol.
-    let request = v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(
-            v1::server_reflection_request::MessageRequest::FileContainingSymbol(
-                "idmap.v1.IdentityService".into(),
-            ),
-        ),
-    };
-    let mut stream = v1
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = stream.next().await.unwrap().unwrap();
-    assert!(matches!(
-        response.message_response,
-        Some(v1::server_reflection_response::MessageResponse::FileDescriptorResponse(ref f))
-            if !f.file_descriptor_proto.is_empty()
-    ));
-
-    let mut alpha = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
-    let request = v1alpha::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(
-            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
-        ),
-    };
-    let mut stream = alpha
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = stream.next().await.unwrap().unwrap();
-    assert!(matches!(
-        response.message_response,
-        Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(ref l))
-            if l.service.iter().any(|s| s.name == "idmap.v1.IdentityService")
-    ));
+    assert_reflection!(v1, channel.clone(), services, symbols);
+    assert_reflection!(v1alpha, channel, services, symbols);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
