@@ -16,6 +16,7 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod jobs;
+pub mod metrics;
 pub mod ory;
 pub mod proto;
 pub mod service;

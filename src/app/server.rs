@@ -11,7 +11,7 @@ use tonic_health::server::HealthReporter;
 use tower::layer::util::{Identity, Stack};
 
 use crate::config::GrpcSettings;
-use crate::grpc::{CallerAuth, IdentityApi, InFlightLimit, MAX_REQUEST_BYTES};
+use crate::grpc::{CallerAuth, GrpcMetrics, IdentityApi, InFlightLimit, MAX_REQUEST_BYTES};
 use crate::proto::{self, api::identity_service_server::IdentityServiceServer};
 use crate::service::IdentityMapper;
 use crate::tls::ServerTls;
@@ -25,9 +25,13 @@ const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20
 /// How long calls on a connection past IDMAP_GRPC_MAX_CONNECTION_AGE may take to finish.
 const MAX_CONNECTION_AGE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The layers in front of every service, from the outside in: metrics, the in-flight limit, the
+/// caller check.
+type Layers = Stack<CallerAuth, Stack<InFlightLimit, Stack<GrpcMetrics, Identity>>>;
+
 /// The gRPC services, ready to serve, and the health they report.
 pub(super) struct GrpcServer {
-    router: Router<Stack<CallerAuth, Stack<InFlightLimit, Identity>>>,
+    router: Router<Layers>,
     pub health: HealthReporter,
 }
 
@@ -44,15 +48,18 @@ impl GrpcServer {
         // Both versions describe both reflection services, so a client of either lists both; and
         // the google.rpc detail messages a status carries (ErrorInfo, BadRequest, RetryInfo), so
         // grpcurl prints a failure's details instead of "not recognized".
+        let services = [
+            proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ];
         let reflection = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(
-                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-                )
+            services.iter().fold(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET),
+                |builder, set| builder.register_encoded_file_descriptor_set(set),
+            )
         };
         let reflection_v1 = reflection()
             .build_v1()
@@ -77,6 +84,7 @@ impl GrpcServer {
         let identity = IdentityServiceServer::new(IdentityApi::new(mapper))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         let router = server
+            .layer(GrpcMetrics::new(&services))
             .layer(InFlightLimit::new(limits.max_in_flight))
             .layer(auth)
             .add_service(health_service)

@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use super::{Caches, SessionKey};
 use crate::domain::IdentityId;
+use crate::metrics::{self, EvictionOrigin};
 use crate::store::{SharedTarget, Store, StoreError};
 
 /// The NOTIFY channel.
@@ -126,6 +127,7 @@ impl Invalidator {
             .notify_and_delete(CHANNEL, &payload, target)
             .await?;
         self.counts.announced.send_modify(|n| *n += 1);
+        metrics::get().eviction(EvictionOrigin::Local);
         Ok(())
     }
 
@@ -164,6 +166,7 @@ impl Invalidator {
             Err(_) => tracing::warn!("ignoring a malformed invalidation payload"),
         }
         self.counts.heard.send_modify(|n| *n += 1);
+        metrics::get().eviction(EvictionOrigin::Heard);
     }
 }
 

@@ -25,6 +25,7 @@ pub mod shared;
 
 use crate::config::CacheSettings;
 use crate::domain::{IdentityId, SessionWithIdentity, User};
+use crate::metrics::{self, CacheName, CacheResult};
 
 /// A SHA-256 of a credential (`Credential::fingerprint`).
 pub type SessionKey = [u8; 32];
@@ -374,6 +375,7 @@ impl Caches {
         E: Send + Sync + 'static,
     {
         if let Some(entry) = self.sessions.get(&key).await {
+            metrics::get().cache_lookup(CacheName::Session, CacheResult::Hit);
             return Ok(entry);
         }
         Box::pin(self.load_session(key, load)).await
@@ -394,15 +396,23 @@ impl Caches {
             loads += 1;
             let load = load();
             let evictions = &self.session_evictions;
+            // The load counts what it found itself (a miss, a shared hit, a stale copy); a caller
+            // whose load never ran joined another's.
+            let loaded = AtomicBool::new(false);
             let entry = self
                 .sessions
-                .try_get_with(key, async move {
+                .try_get_with(key, async {
+                    loaded.store(true, Ordering::Relaxed);
                     let started = evictions.epoch();
                     let mut entry = load.await?;
                     entry.epoch = started;
                     Ok(Arc::new(entry))
                 })
-                .await?;
+                .await;
+            if !loaded.load(Ordering::Relaxed) {
+                metrics::get().cache_lookup(CacheName::Session, CacheResult::Coalesced);
+            }
+            let entry = entry?;
             // The entry carries its load's epoch, also for a caller that joined a load already in
             // flight. An eviction of this session since then may have run before the answer was
             // kept: drop it, and the stale copy the load kept, and ask again.
@@ -567,6 +577,7 @@ impl Caches {
         E: Clone + Send + Sync + 'static,
     {
         if let Some(user) = self.users.get(&identity).await {
+            metrics::get().cache_lookup(CacheName::User, CacheResult::Hit);
             return Ok(Some(user));
         }
         Box::pin(self.load_user(identity, load)).await
@@ -592,9 +603,11 @@ impl Caches {
         loop {
             loads += 1;
             let load = load();
+            let loaded = AtomicBool::new(false);
             let result = self
                 .users
-                .try_get_with(identity, async move {
+                .try_get_with(identity, async {
+                    loaded.store(true, Ordering::Relaxed);
                     let started = self.user_evictions.epoch();
                     match load.await {
                         Ok(Some(user)) => {
@@ -614,6 +627,13 @@ impl Caches {
                     }
                 })
                 .await;
+            metrics::get().cache_lookup(
+                CacheName::User,
+                match loaded.load(Ordering::Relaxed) {
+                    true => CacheResult::Miss,
+                    false => CacheResult::Coalesced,
+                },
+            );
             return match result {
                 Ok(user) => Ok(Some(user)),
                 Err(miss) => match &*miss {

@@ -9,8 +9,9 @@ use std::task::{Context, Poll};
 use http::HeaderMap;
 use tonic::body::Body;
 
-use crate::auth::{Access, CallerPolicy, Evidence};
+use crate::auth::{Access, Caller, CallerPolicy, Denied, Evidence, RPCS};
 use crate::config::TrustedHeader;
+use crate::metrics;
 use crate::tls::PeerCertificate;
 
 use super::incoming::ConnectionInfo;
@@ -77,6 +78,7 @@ where
             .auth
             .policy
             .authorize(access, || evidence(request.headers(), peer, trusted));
+        count(access, &decision);
         match decision {
             Ok(caller) => {
                 if let Some(caller) = caller {
@@ -90,6 +92,25 @@ where
             }
         }
     }
+}
+
+/// Counts a decision about an identified (or refused) caller. The method label is one of the
+/// service's RPCs or `other` (reflection, or a path no service has), never the path as sent.
+fn count(access: Access<'_>, decision: &Result<Option<Caller>, Denied>) {
+    let (caller, verdict) = match decision {
+        Ok(None) => return,
+        Ok(Some(caller)) => (&*caller.name, "allowed"),
+        Err(Denied::NotAllowed { caller, .. }) => (&*caller.name, "denied"),
+        Err(Denied::Unauthenticated { .. }) => ("unidentified", "denied"),
+    };
+    let method = match access {
+        Access::Rpc(rpc) => RPCS.iter().copied().find(|known| *known == rpc),
+        Access::Open | Access::Identified => None,
+    };
+    metrics::get()
+        .caller_calls
+        .with_label_values(&[caller, method.unwrap_or("other"), verdict])
+        .inc();
 }
 
 /// What a call to `path` (`/package.Service/Method`) asks for.

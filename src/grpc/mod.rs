@@ -7,10 +7,12 @@ mod deadline;
 mod identity;
 mod incoming;
 mod limits;
+mod metrics;
 mod status;
 
 pub use auth::CallerAuth;
 pub use identity::IdentityApi;
 pub use incoming::incoming;
 pub use limits::{InFlightLimit, MAX_REQUEST_BYTES};
+pub use metrics::GrpcMetrics;
 pub use status::to_status;

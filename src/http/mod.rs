@@ -26,17 +26,22 @@ use tokio_util::sync::CancellationToken;
 pub mod hooks;
 
 use crate::config::HttpSettings;
+use crate::metrics;
 use crate::store::Store;
 use crate::tls::ServerTls;
 
 /// How often readiness asks the database, and how long it waits for the answer.
 const READINESS_INTERVAL: Duration = Duration::from_secs(2);
 
+/// How long a scrape waits for the database's figures before answering without fresh ones.
+const FIGURES_TIMEOUT: Duration = Duration::from_secs(2);
+
 #[derive(Clone)]
 struct HttpState {
     /// The database answered the last readiness check.
     database_ready: Arc<AtomicBool>,
     draining: CancellationToken,
+    store: Store,
 }
 
 /// Serves the probes and `routes` until `draining` is cancelled, then lets open requests finish.
@@ -50,18 +55,20 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let database_ready = Arc::new(AtomicBool::new(true));
     tokio::spawn(check_readiness(
-        store,
+        store.clone(),
         database_ready.clone(),
         draining.clone(),
     ));
     let state = HttpState {
         database_ready,
         draining: draining.clone(),
+        store,
     };
     let request_timeout = limits.request_timeout;
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(prometheus_metrics))
         .with_state(state)
         .merge(routes)
         .layer(axum::middleware::from_fn(
@@ -181,6 +188,39 @@ async fn check_readiness(store: Store, ready: Arc<AtomicBool>, draining: Cancell
             }
         }
     }
+}
+
+/// Prometheus's scrape: every family, with the database's figures read now (a scrape is
+/// seconds apart; the query is one pass over the outbox). Without the database the figures keep
+/// their last values and the rest is served.
+async fn prometheus_metrics(State(state): State<HttpState>) -> Response {
+    let metrics = metrics::get();
+    match tokio::time::timeout(FIGURES_TIMEOUT, state.store.figures()).await {
+        Ok(Ok(figures)) => {
+            metrics.outbox_pending.set(figures.outbox_pending);
+            metrics.outbox_parked.set(figures.outbox_parked);
+            metrics
+                .outbox_oldest_age
+                .set(figures.outbox_oldest_age_secs);
+            metrics.pending_users.set(figures.pending_users);
+            let as_gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+            metrics
+                .db_pool_connections
+                .with_label_values(&["in_use"])
+                .set(as_gauge(figures.pool_in_use));
+            metrics
+                .db_pool_connections
+                .with_label_values(&["idle"])
+                .set(as_gauge(figures.pool_idle));
+            metrics.db_pool_waiting.set(as_gauge(figures.pool_waiting));
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "metrics: the database's figures are not current")
+        }
+        Err(_) => tracing::debug!("metrics: the database's figures took too long"),
+    }
+    let (content_type, body) = metrics.render();
+    ([(http::header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
 /// Ready while not draining and the database answered its last check.

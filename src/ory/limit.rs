@@ -11,9 +11,12 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::time::Instant;
 
 use super::OryError;
+use crate::metrics::{self, Limiter};
 
 /// A rate limit and cool-down for one class of Ory calls.
 pub struct OryLimiter {
+    /// Which one, for the wait metric.
+    kind: Limiter,
     bucket: Option<DefaultDirectRateLimiter>,
     /// Milliseconds after `origin` before which no call may start (0: none).
     blocked_until_ms: AtomicU64,
@@ -24,8 +27,9 @@ pub struct OryLimiter {
 impl OryLimiter {
     /// `rps`: calls per second, `None` for no limit. The bucket holds a single token, so the rate
     /// holds over any window, not just on average: a burst is spread out instead of sent at once.
-    pub fn new(rps: Option<NonZeroU32>, max_wait: Duration) -> Self {
+    pub fn new(kind: Limiter, rps: Option<NonZeroU32>, max_wait: Duration) -> Self {
         Self {
+            kind,
             bucket: rps
                 .map(|n| RateLimiter::direct(Quota::per_second(n).allow_burst(NonZeroU32::MIN))),
             blocked_until_ms: AtomicU64::new(0),
@@ -36,6 +40,13 @@ impl OryLimiter {
 
     /// Waits until a call may be made, or fails without one when that would take too long.
     pub async fn acquire(&self) -> Result<(), OryError> {
+        let started = Instant::now();
+        let result = self.wait_for_turn().await;
+        metrics::get().limiter_wait(self.kind, started.elapsed());
+        result
+    }
+
+    async fn wait_for_turn(&self) -> Result<(), OryError> {
         let deadline = Instant::now() + self.max_wait;
         let blocked = self.blocked_until();
         if let Some(until) = blocked {
@@ -78,7 +89,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cool_down_is_capped_however_long_ory_asks_for() {
-        let limiter = OryLimiter::new(None, Duration::from_millis(50));
+        let limiter = OryLimiter::new(Limiter::Whoami, None, Duration::from_millis(50));
         // Unbounded, this overflowed the clock and panicked the calling task.
         limiter.back_off(Duration::MAX);
         let Err(OryError::RateLimited {
@@ -92,7 +103,7 @@ mod tests {
 
     #[tokio::test]
     async fn cool_down_longer_than_the_wait_fails_fast() {
-        let limiter = OryLimiter::new(None, Duration::from_millis(50));
+        let limiter = OryLimiter::new(Limiter::Whoami, None, Duration::from_millis(50));
         limiter.acquire().await.unwrap();
         limiter.back_off(Duration::from_secs(30));
         let err = limiter.acquire().await.unwrap_err();
@@ -107,7 +118,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn short_cool_down_is_waited_out() {
-        let limiter = OryLimiter::new(None, Duration::from_secs(5));
+        let limiter = OryLimiter::new(Limiter::Whoami, None, Duration::from_secs(5));
         limiter.back_off(Duration::from_secs(2));
         let started = Instant::now();
         limiter.acquire().await.unwrap();

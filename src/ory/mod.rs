@@ -24,6 +24,7 @@ use crate::config::{ENV_ORY_ADMIN_URL, ENV_ORY_API_KEY, ENV_ORY_PUBLIC_URL, OryC
 use crate::domain::{
     Credential, CredentialKind, Identity, IdentityId, SessionWithIdentity, UserId,
 };
+use crate::metrics::{self, Limiter, OryEndpoint};
 use dto::{ErrorBody, PatchOp, SessionDto};
 pub use dto::{IdentityJson, InvalidIdentity, UnsavedIdentity};
 
@@ -91,8 +92,16 @@ impl KratosClient {
             admin_url: with_trailing_slash(config.admin_url),
             api_key: config.api_key,
             // A call waits for its turn no longer than it may take itself.
-            whoami_limit: Arc::new(OryLimiter::new(config.whoami_rps, config.timeout)),
-            admin_limit: Arc::new(OryLimiter::new(config.admin_rps, config.timeout)),
+            whoami_limit: Arc::new(OryLimiter::new(
+                Limiter::Whoami,
+                config.whoami_rps,
+                config.timeout,
+            )),
+            admin_limit: Arc::new(OryLimiter::new(
+                Limiter::Admin,
+                config.admin_rps,
+                config.timeout,
+            )),
         })
     }
 
@@ -108,7 +117,13 @@ impl KratosClient {
             CredentialKind::SessionToken => request.header("X-Session-Token", credential.expose()),
             CredentialKind::Cookie => request.header(header::COOKIE, credential.expose()),
         };
-        let response = send(&self.whoami_limit, ENV_ORY_PUBLIC_URL, request).await?;
+        let response = send(
+            &self.whoami_limit,
+            OryEndpoint::Whoami,
+            ENV_ORY_PUBLIC_URL,
+            request,
+        )
+        .await?;
         match response.status() {
             StatusCode::OK => {
                 let cache_for = header_str(&response, "ory-session-cache-for")
@@ -150,7 +165,9 @@ impl KratosClient {
     #[tracing::instrument(name = "ory.get_identity", skip_all, fields(identity = %id))]
     pub async fn get_identity(&self, id: IdentityId) -> Result<Identity, OryError> {
         let url = join(&self.admin_url, &format!("admin/identities/{id}"))?;
-        let response = self.send_admin(self.admin(Method::GET, url)).await?;
+        let response = self
+            .send_admin(OryEndpoint::GetIdentity, self.admin(Method::GET, url))
+            .await?;
         match response.status() {
             StatusCode::OK => {
                 let dto: IdentityJson = read_json(response).await?;
@@ -192,7 +209,10 @@ impl KratosClient {
         };
         let url = join(&self.admin_url, &format!("admin/identities/{id}"))?;
         let response = self
-            .send_admin(self.admin(Method::PATCH, url).json(&[op]))
+            .send_admin(
+                OryEndpoint::PatchIdentity,
+                self.admin(Method::PATCH, url).json(&[op]),
+            )
             .await?;
         match response.status() {
             // Kratos answers 200 with the identity; a proxy or another implementation may answer
@@ -226,7 +246,9 @@ impl KratosClient {
                 query.append_pair("page_token", token);
             }
         }
-        let response = self.send_admin(self.admin(Method::GET, url)).await?;
+        let response = self
+            .send_admin(OryEndpoint::ListIdentities, self.admin(Method::GET, url))
+            .await?;
         match response.status() {
             StatusCode::OK => {}
             // The only parameter Ory can refuse is the token: the page size is in range.
@@ -276,8 +298,12 @@ impl KratosClient {
     }
 
     /// Sends an admin API request under the admin rate limit.
-    async fn send_admin(&self, request: RequestBuilder) -> Result<Response, OryError> {
-        send(&self.admin_limit, ENV_ORY_ADMIN_URL, request).await
+    async fn send_admin(
+        &self,
+        endpoint: OryEndpoint,
+        request: RequestBuilder,
+    ) -> Result<Response, OryError> {
+        send(&self.admin_limit, endpoint, ENV_ORY_ADMIN_URL, request).await
     }
 
     fn admin(&self, method: Method, url: Url) -> RequestBuilder {
@@ -353,12 +379,18 @@ fn next_page_token(base: &Url, link: &str) -> Result<Option<String>, OryError> {
 /// `setting` names the base URL the request went to, for the error a redirect gets.
 async fn send(
     limiter: &OryLimiter,
+    endpoint: OryEndpoint,
     setting: &'static str,
     request: RequestBuilder,
 ) -> Result<Response, OryError> {
     limiter.acquire().await?;
     let started = tokio::time::Instant::now();
     let result = request.send().await;
+    metrics::get().ory_request(
+        endpoint,
+        result.as_ref().ok().map(|r| r.status().as_u16()),
+        started.elapsed(),
+    );
     match result {
         Ok(response) => {
             tracing::debug!(

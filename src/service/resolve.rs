@@ -7,6 +7,7 @@ use crate::cache::invalidation::Eviction;
 use crate::cache::{CachedSession, Rendering, SessionEntry, SessionKey, session_ttl};
 use crate::domain::{Credential, LinkConflict, LinkRequest, SessionWithIdentity, User};
 use crate::error::Error;
+use crate::metrics::{self, CacheName, CacheResult};
 use crate::ory::OryError;
 
 /// Longest a stale session is served before Ory is asked again, so a recovering Ory sees at most one
@@ -147,6 +148,7 @@ impl IdentityMapper {
             && let Some(lookup) = shared.lookup(&key).await
         {
             if let Some(found) = lookup.found {
+                metrics::get().cache_lookup(CacheName::Session, CacheResult::SharedHit);
                 let session = Arc::new(found.session);
                 self.caches
                     .keep_for_stale(key, &session, found.fresh_for)
@@ -158,7 +160,19 @@ impl IdentityMapper {
             }
             loaded_since = Some(lookup.as_of);
         }
-        match self.ory.whoami(credential).await {
+        let answer = self.ory.whoami(credential).await;
+        let stale = match &answer {
+            Err(e) if e.is_transient() => self.caches.stale_session(&key).await,
+            _ => None,
+        };
+        metrics::get().cache_lookup(
+            CacheName::Session,
+            match stale {
+                Some(_) => CacheResult::Stale,
+                None => CacheResult::Miss,
+            },
+        );
+        match answer {
             Ok(whoami) => {
                 let session = Arc::new(whoami.session);
                 let ttl = session_ttl(settings, &session, whoami.cache_for);
@@ -181,7 +195,7 @@ impl IdentityMapper {
                     settings.negative_ttl,
                 ))
             }
-            Err(e) if e.is_transient() => match self.caches.stale_session(&key).await {
+            Err(e) if e.is_transient() => match stale {
                 Some((session, usable_for)) => {
                     tracing::warn!(error = %e, "Ory unavailable; serving a cached session past its TTL (stale-if-error)");
                     Ok(SessionEntry::new(

@@ -165,6 +165,18 @@ impl From<PoolError> for StoreError {
     }
 }
 
+/// The database's side of the metrics ([`Store::figures`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Figures {
+    pub outbox_pending: i64,
+    pub outbox_parked: i64,
+    pub outbox_oldest_age_secs: f64,
+    pub pending_users: i64,
+    pub pool_in_use: usize,
+    pub pool_idle: usize,
+    pub pool_waiting: usize,
+}
+
 /// The user store: a pool of PostgreSQL connections, a few of them shared by lookups.
 #[derive(Clone)]
 pub struct Store {
@@ -234,7 +246,50 @@ impl Store {
 
     async fn conn(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
         self.drop_demoted();
-        Ok(self.pool.get().await?)
+        let started = std::time::Instant::now();
+        let conn = self.pool.get().await;
+        crate::metrics::get().db_pool_wait(started.elapsed());
+        Ok(conn?)
+    }
+
+    /// What the metrics show of the database at a scrape: the outbox and pending users (one
+    /// query), and the primary's pool.
+    pub async fn figures(&self) -> Result<Figures, StoreError> {
+        use diesel::sql_types::{BigInt, Double};
+        use diesel_async::RunQueryDsl;
+        #[derive(diesel::QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = BigInt)]
+            pending: i64,
+            #[diesel(sql_type = BigInt)]
+            parked: i64,
+            #[diesel(sql_type = Double)]
+            oldest: f64,
+            #[diesel(sql_type = BigInt)]
+            pending_users: i64,
+        }
+        let mut conn = self.conn().await?;
+        let row: Row = diesel::sql_query(
+            "SELECT count(*) FILTER (WHERE failed_at IS NULL) AS pending, \
+                 count(*) FILTER (WHERE failed_at IS NOT NULL) AS parked, \
+                 COALESCE(EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE failed_at IS NULL)), 0)::float8 AS oldest, \
+                 (SELECT count(*) FROM pending_users) AS pending_users \
+             FROM ory_outbox",
+        )
+        .get_result(&mut conn)
+        .await
+        .map_err(StoreError::classify)?;
+        drop(conn);
+        let pool = self.pool.status();
+        Ok(Figures {
+            outbox_pending: row.pending,
+            outbox_parked: row.parked,
+            outbox_oldest_age_secs: row.oldest.max(0.0),
+            pending_users: row.pending_users,
+            pool_in_use: pool.size.saturating_sub(pool.available),
+            pool_idle: pool.available,
+            pool_waiting: pool.waiting,
+        })
     }
 
     /// After a read-only error, drops every idle and shared connection to the primary opened

@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use crate::common::*;
 
-const FRONT_KEY: &str = "front-end-key-0123456789abcdef";
-const OFFICE_KEY: &str = "back-office-key-0123456789abcdef";
+pub(crate) const FRONT_KEY: &str = "front-end-key-0123456789abcdef";
+pub(crate) const OFFICE_KEY: &str = "back-office-key-0123456789abcdef";
 const BFF: &str = "spiffe://cluster.local/ns/web/sa/bff";
 const LINKERD_BFF: &str = "bff.web.serviceaccount.identity.linkerd.cluster.local";
 
@@ -55,7 +55,7 @@ rpcs = ["*"]
     path
 }
 
-async fn env_with_callers(trusted: Option<TrustedHeader>) -> Env {
+pub(crate) async fn env_with_callers(trusted: Option<TrustedHeader>) -> Env {
     let file = callers_file();
     let dir = file.parent().unwrap().to_owned();
     let env = Env::with(move |c| {

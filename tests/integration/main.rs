@@ -18,6 +18,7 @@ mod hooks;
 mod kratos_fixtures;
 mod link;
 mod lookup;
+mod metrics;
 mod ory_urls;
 mod outbox;
 mod resolve;
