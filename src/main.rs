@@ -15,7 +15,6 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return idmap::cmd::parse_failure(&e),
     };
-    idmap::telemetry::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -26,8 +25,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli.command.run()) {
+    // Inside the runtime: the trace exporter's connection runs on it, also while it sends the
+    // last spans when dropped, after the command.
+    let telemetry = {
+        let _entered = runtime.enter();
+        idmap::telemetry::init(cli.log_format)
+    };
+    let code = match runtime.block_on(cli.command.run()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => idmap::cmd::failure(&e),
-    }
+    };
+    drop(telemetry);
+    code
 }

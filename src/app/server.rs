@@ -11,7 +11,9 @@ use tonic_health::server::HealthReporter;
 use tower::layer::util::{Identity, Stack};
 
 use crate::config::GrpcSettings;
-use crate::grpc::{CallerAuth, GrpcMetrics, IdentityApi, InFlightLimit, MAX_REQUEST_BYTES};
+use crate::grpc::{
+    CallSpans, CallerAuth, GrpcMetrics, IdentityApi, InFlightLimit, MAX_REQUEST_BYTES,
+};
 use crate::proto::{self, api::identity_service_server::IdentityServiceServer};
 use crate::service::IdentityMapper;
 use crate::tls::ServerTls;
@@ -25,9 +27,10 @@ const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20
 /// How long calls on a connection past IDMAP_GRPC_MAX_CONNECTION_AGE may take to finish.
 const MAX_CONNECTION_AGE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// The layers in front of every service, from the outside in: metrics, the in-flight limit, the
-/// caller check.
-type Layers = Stack<CallerAuth, Stack<InFlightLimit, Stack<GrpcMetrics, Identity>>>;
+/// The layers in front of every service, from the outside in: metrics, the call's span, the
+/// in-flight limit, the caller check.
+type Layers =
+    Stack<CallerAuth, Stack<InFlightLimit, Stack<CallSpans, Stack<GrpcMetrics, Identity>>>>;
 
 /// The gRPC services, ready to serve, and the health they report.
 pub(super) struct GrpcServer {
@@ -85,6 +88,7 @@ impl GrpcServer {
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         let router = server
             .layer(GrpcMetrics::new(&services))
+            .layer(CallSpans)
             .layer(InFlightLimit::new(limits.max_in_flight))
             .layer(auth)
             .add_service(health_service)

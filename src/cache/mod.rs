@@ -19,6 +19,7 @@ use bytes::Bytes;
 
 use moka::Expiry;
 use moka::future::Cache;
+use tracing::Instrument;
 
 pub mod invalidation;
 pub mod shared;
@@ -378,7 +379,12 @@ impl Caches {
             metrics::get().cache_lookup(CacheName::Session, CacheResult::Hit);
             return Ok(entry);
         }
-        Box::pin(self.load_session(key, load)).await
+        // The miss's own span: its shared-level read and whoami call are children of it.
+        Box::pin(
+            self.load_session(key, load)
+                .instrument(tracing::info_span!("cache.load", cache = "session")),
+        )
+        .await
     }
 
     async fn load_session<E, F, L>(
@@ -580,7 +586,11 @@ impl Caches {
             metrics::get().cache_lookup(CacheName::User, CacheResult::Hit);
             return Ok(Some(user));
         }
-        Box::pin(self.load_user(identity, load)).await
+        Box::pin(
+            self.load_user(identity, load)
+                .instrument(tracing::info_span!("cache.load", cache = "user")),
+        )
+        .await
     }
 
     async fn load_user<E, F, L>(

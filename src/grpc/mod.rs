@@ -9,6 +9,7 @@ mod incoming;
 mod limits;
 mod metrics;
 mod status;
+mod trace;
 
 pub use auth::CallerAuth;
 pub use identity::IdentityApi;
@@ -16,3 +17,4 @@ pub use incoming::incoming;
 pub use limits::{InFlightLimit, MAX_REQUEST_BYTES};
 pub use metrics::GrpcMetrics;
 pub use status::to_status;
+pub use trace::CallSpans;

@@ -22,16 +22,21 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub mod hooks;
 
 use crate::config::HttpSettings;
 use crate::metrics;
 use crate::store::Store;
+use crate::telemetry;
 use crate::tls::ServerTls;
 
 /// How often readiness asks the database, and how long it waits for the answer.
 const READINESS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The longest span name a request gets: the path is the client's to choose.
+const MAX_SPAN_NAME: usize = 128;
 
 /// How long a scrape waits for the database's figures before answering without fresh ones.
 const FIGURES_TIMEOUT: Duration = Duration::from_secs(2);
@@ -152,20 +157,35 @@ where
 
 /// Runs a request for at most `limit`; past it the answer is 503, which Kratos retries.
 async fn within(limit: Duration, request: Request, next: Next) -> Result<Response, Infallible> {
-    Ok(match tokio::time::timeout(limit, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => {
-            tracing::warn!(
-                limit_ms = limit.as_millis() as u64,
-                "HTTP request took longer than IDMAP_HTTP_REQUEST_TIMEOUT"
-            );
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the request took too long; retry\n",
-            )
-                .into_response()
-        }
-    })
+    // A span per request (Kratos's webhook calls among them), a child of the caller's trace.
+    let mut name = format!("{} {}", request.method(), request.uri().path());
+    name.truncate(MAX_SPAN_NAME);
+    let span = tracing::info_span!(
+        "http",
+        otel.name = name,
+        otel.kind = "server",
+        http.request.method = request.method().as_str(),
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    let (span, context) = telemetry::incoming_span(request.headers(), span);
+    let call = tokio::time::timeout(limit, next.run(request));
+    Ok(
+        match telemetry::in_context(call, context).instrument(span).await {
+            Ok(response) => response,
+            Err(_) => {
+                tracing::warn!(
+                    limit_ms = limit.as_millis() as u64,
+                    "HTTP request took longer than IDMAP_HTTP_REQUEST_TIMEOUT"
+                );
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the request took too long; retry\n",
+                )
+                    .into_response()
+            }
+        },
+    )
 }
 
 /// Keeps `ready` current in the background, so a probe (Kubernetes sends one every few seconds,

@@ -25,6 +25,7 @@ use crate::domain::{
     Credential, CredentialKind, Identity, IdentityId, SessionWithIdentity, UserId,
 };
 use crate::metrics::{self, Limiter, OryEndpoint};
+use crate::telemetry;
 use dto::{ErrorBody, PatchOp, SessionDto};
 pub use dto::{IdentityJson, InvalidIdentity, UnsavedIdentity};
 
@@ -384,8 +385,10 @@ async fn send(
     request: RequestBuilder,
 ) -> Result<Response, OryError> {
     limiter.acquire().await?;
+    let mut trace = http::HeaderMap::new();
+    telemetry::inject(&mut trace);
     let started = tokio::time::Instant::now();
-    let result = request.send().await;
+    let result = request.headers(trace).send().await;
     metrics::get().ory_request(
         endpoint,
         result.as_ref().ok().map(|r| r.status().as_u16()),

@@ -72,6 +72,7 @@ const EVICTIONS_KEPT: &str = "10 minutes";
 
 impl Store {
     /// The shared entry for `fingerprint`, if one is still fresh.
+    #[tracing::instrument(name = "db.query", skip_all, fields(db.system = "postgresql", db.operation = "select shared session"))]
     pub async fn shared_session(&self, fingerprint: &[u8; 32]) -> Result<SharedLookup, StoreError> {
         let conn = self.reader().await?;
         let result = diesel::sql_query(
@@ -106,6 +107,7 @@ impl Store {
     /// replacing what was there and releasing any refresh claim; unless an eviction of the
     /// credential, its session or its identity was made at or after `loaded_since` (the answer
     /// was on its way while the eviction ran). `true` if stored.
+    #[tracing::instrument(name = "db.query", skip_all, fields(db.system = "postgresql", db.operation = "upsert shared session"))]
     pub async fn put_shared_session(
         &self,
         fingerprint: &[u8; 32],
@@ -185,6 +187,7 @@ impl Store {
     /// Sends `payload` on `channel` and, in the same statement, deletes the shared entries
     /// `target` names and remembers the eviction: no replica reads such an entry after the
     /// eviction is announced, nor writes back an answer that was on its way meanwhile.
+    #[tracing::instrument(name = "db.query", skip_all, fields(db.system = "postgresql", db.operation = "notify and delete shared sessions"))]
     pub async fn notify_and_delete(
         &self,
         channel: &str,

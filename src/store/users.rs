@@ -72,6 +72,7 @@ macro_rules! select_users {
 
 impl Store {
     /// The user linked to an Ory identity.
+    #[tracing::instrument(name = "db.query", skip_all, fields(db.system = "postgresql", db.operation = "select users by identity"))]
     pub async fn user_by_identity(&self, id: IdentityId) -> Result<Option<User>, StoreError> {
         let row = self
             .lookup(|conn| async move {
@@ -86,6 +87,7 @@ impl Store {
     }
 
     /// The users linked to any of `ids`, in one query (two with a read replica that lacks some).
+    #[tracing::instrument(name = "db.query", skip_all, fields(db.system = "postgresql", db.operation = "select users by identities"))]
     pub async fn users_by_identities(&self, ids: &[IdentityId]) -> Result<Vec<User>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -129,6 +131,7 @@ impl Store {
     }
 
     /// The user holding an external id.
+    #[tracing::instrument(name = "db.query", skip_all, fields(db.system = "postgresql", db.operation = "select users by external id"))]
     pub async fn user_by_external_id(
         &self,
         external_id: &ExternalId,
@@ -184,6 +187,7 @@ impl Store {
     ///
     /// Uniqueness is left to PostgreSQL's constraints (`INSERT .. ON CONFLICT DO NOTHING` waits for a
     /// concurrent insert of the same key to settle), so concurrent calls cannot create duplicates.
+    #[tracing::instrument(name = "db.query", skip_all, fields(db.system = "postgresql", db.operation = "link transaction"))]
     pub async fn link(
         &self,
         request: &LinkRequest,
@@ -378,6 +382,7 @@ async fn insert_external_id(
 impl Store {
     /// Sets a user's state; returns the user as stored afterwards, and whether this call changed it
     /// (`None`: no such user).
+    #[tracing::instrument(name = "db.query", skip_all, fields(db.system = "postgresql", db.operation = "update user state"))]
     pub async fn set_user_state(
         &self,
         user_id: UserId,

@@ -13,7 +13,7 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
     ("auth", &["config"]),
     ("domain", &[]),
     ("store", &["config", "domain", "metrics", "tls"]),
-    ("ory", &["config", "domain", "metrics", "tls"]),
+    ("ory", &["config", "domain", "metrics", "telemetry", "tls"]),
     ("cache", &["config", "domain", "metrics", "store"]),
     ("error", &["config", "domain", "ory", "store"]),
     (
@@ -27,13 +27,29 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
     (
         "grpc",
         &[
-            "auth", "config", "domain", "error", "metrics", "proto", "service", "tls",
+            "auth",
+            "config",
+            "domain",
+            "error",
+            "metrics",
+            "proto",
+            "service",
+            "telemetry",
+            "tls",
         ],
     ),
     (
         "http",
         &[
-            "config", "domain", "error", "metrics", "ory", "service", "store", "tls",
+            "config",
+            "domain",
+            "error",
+            "metrics",
+            "ory",
+            "service",
+            "store",
+            "telemetry",
+            "tls",
         ],
     ),
     (

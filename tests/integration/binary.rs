@@ -205,12 +205,16 @@ async fn serve_refuses_an_unreachable_or_unmigrated_database() {
 }
 
 /// `idmap serve` as a child process on `db` and `ory`, with `env` on top; returns once it says it
-/// serves (its listeners are bound by then), with its gRPC port.
-async fn spawn_serve(
+/// serves (its listeners are bound by then), with its gRPC port and every line it logs.
+pub(crate) async fn spawn_serve(
     db: &TestDb,
     ory: &kratos_emulator::Emulator,
     env: &[(&str, &str)],
-) -> (std::process::Child, u16) {
+) -> (
+    std::process::Child,
+    u16,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
     let grpc_port = free_port();
     let mut cmd = idmap(&["serve"]);
     cmd.env("DATABASE_URL", db.url().expose_secret())
@@ -225,6 +229,7 @@ async fn spawn_serve(
     // The thread keeps reading so the pipe never fills.
     let stderr = child.stderr.take().unwrap();
     let (serving_tx, serving) = tokio::sync::oneshot::channel::<()>();
+    let (lines_tx, lines) = tokio::sync::mpsc::unbounded_channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
         let mut serving_tx = Some(serving_tx);
@@ -235,16 +240,17 @@ async fn spawn_serve(
             {
                 let _ = tx.send(());
             }
+            let _ = lines_tx.send(line);
         }
     });
     tokio::time::timeout(PATIENCE, serving)
         .await
         .expect("idmap serve never said it serves")
         .expect("idmap serve exited before serving");
-    (child, grpc_port)
+    (child, grpc_port, lines)
 }
 
-async fn channel_to(port: u16) -> tonic::transport::Channel {
+pub(crate) async fn channel_to(port: u16) -> tonic::transport::Channel {
     tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
         .unwrap()
         .connect()
@@ -252,7 +258,7 @@ async fn channel_to(port: u16) -> tonic::transport::Channel {
         .expect("connect to idmap serve")
 }
 
-fn signal(child: &std::process::Child, signal: &str) {
+pub(crate) fn signal(child: &std::process::Child, signal: &str) {
     let sent = Command::new("kill")
         .args([signal, &child.id().to_string()])
         .status()
@@ -264,7 +270,7 @@ fn signal(child: &std::process::Child, signal: &str) {
 async fn serve_exits_zero_on_sigterm() {
     let db = TestDb::new().await;
     let ory = emulator().await;
-    let (mut child, grpc_port) = spawn_serve(&db, &ory, &[]).await;
+    let (mut child, grpc_port, _) = spawn_serve(&db, &ory, &[]).await;
     HealthClient::new(channel_to(grpc_port).await)
         .check(HealthCheckRequest {
             service: String::new(),
@@ -291,7 +297,7 @@ async fn a_write_whose_replica_is_killed_mid_delivery_arrives_once_its_lease_exp
     // The shortest lease a 1 s Ory timeout allows (2 x (4 x 1s + 5s)); a failed attempt would wait
     // an hour, so only the lease running out can bring the row back within this test.
     let lease = std::time::Duration::from_secs(18);
-    let (mut child, grpc_port) = spawn_serve(
+    let (mut child, grpc_port, _) = spawn_serve(
         &db,
         &ory,
         &[

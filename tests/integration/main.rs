@@ -24,3 +24,4 @@ mod outbox;
 mod resolve;
 mod server;
 mod tls;
+mod traces;

@@ -13,7 +13,8 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    idmap::telemetry::init(cli.log_format);
+    // Held for the whole run: dropping it stops exporting traces.
+    let _telemetry = idmap::telemetry::init(cli.log_format);
     match idmap_bench::run(cli.args).await {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {

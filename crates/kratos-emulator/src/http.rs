@@ -183,6 +183,9 @@ pub(crate) async fn dispatch(
             return json_err(404, &herodot::generic(404, None), &[]);
         }
     };
+    if let Some(traceparent) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+        emu.record_traceparent(route, traceparent);
+    }
     emu.count(route);
     if let Some(fault) = emu.take_fault(route) {
         if let Some(d) = fault.delay {

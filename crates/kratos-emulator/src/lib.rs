@@ -419,6 +419,8 @@ pub(crate) struct Inner {
     changes: watch::Sender<u64>,
     /// Bumped after every counted call so `wait_for_calls` can re-check without polling.
     calls_changed: watch::Sender<u64>,
+    /// The W3C `traceparent` of every request that carried one, by route, in arrival order.
+    traceparents: Mutex<[Vec<String>; 3]>,
     /// Serial number of the next page token issued.
     pub(crate) next_page_token: AtomicU64,
     /// Page tokens with a serial number below this are expired ([`Emulator::expire_page_tokens`]).
@@ -520,6 +522,7 @@ impl Emulator {
                 calls: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
                 changes,
                 calls_changed,
+                traceparents: Mutex::new(Default::default()),
                 next_page_token: AtomicU64::new(0),
                 page_tokens_valid_from: AtomicU64::new(0),
                 servers: Mutex::new(Vec::new()),
@@ -607,6 +610,10 @@ impl Emulator {
             self.inner.changes.send_modify(|v| *v = v.wrapping_add(1));
         }
         result
+    }
+
+    pub(crate) fn record_traceparent(&self, route: Route, traceparent: &str) {
+        lock(&self.inner.traceparents)[route.index()].push(traceparent.to_owned());
     }
 
     pub(crate) fn count(&self, route: Route) {
@@ -781,6 +788,12 @@ impl Emulator {
         for queue in lock(&self.inner.faults).iter_mut() {
             queue.clear();
         }
+    }
+
+    /// The W3C `traceparent` headers of the requests to `route` that carried one, oldest first:
+    /// what a trace that crossed into Ory would show.
+    pub fn traceparents(&self, route: Route) -> Vec<String> {
+        lock(&self.inner.traceparents)[route.index()].clone()
     }
 
     /// Requests that reached the route class since start or [`Emulator::reset_calls`],
