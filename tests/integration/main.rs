@@ -16,6 +16,7 @@ mod deploy;
 mod fleet;
 mod hooks;
 mod kratos_fixtures;
+mod kubernetes;
 mod link;
 mod lookup;
 mod metrics;
