@@ -38,6 +38,13 @@ fn exporting() -> bool {
     EXPORTING.get().copied().unwrap_or(false)
 }
 
+/// Whether a call with these headers gets a span: always while spans are exported; otherwise
+/// only a call that came with a trace context, whose logs then carry its trace id. An untraced
+/// call with nothing exported would pay for a span nobody sees, on the hottest path idmap has.
+pub fn wants_span(headers: &http::HeaderMap) -> bool {
+    exporting() || headers.contains_key("traceparent")
+}
+
 /// Keeps the trace exporter running; dropping it sends what is still buffered.
 #[must_use = "dropping it stops exporting traces"]
 pub struct Telemetry {

@@ -1,5 +1,7 @@
 //! A span per gRPC call, a child of the caller's W3C trace context (`traceparent` metadata), so
-//! the call's logs carry its trace id and its Ory calls carry the trace on (`telemetry`).
+//! the call's logs carry its trace id and its Ory calls carry the trace on (`telemetry`). While
+//! nothing is exported, only calls that came with a trace context get one
+//! ([`telemetry::wants_span`]).
 
 use std::task::{Context, Poll};
 
@@ -25,7 +27,8 @@ pub struct Spanned<S> {
     inner: S,
 }
 
-type SpannedFuture<F> = tracing::instrument::Instrumented<telemetry::InContext<F>>;
+type SpannedFuture<F> =
+    futures_util::future::Either<tracing::instrument::Instrumented<telemetry::InContext<F>>, F>;
 
 impl<S, B> tower::Service<http::Request<B>> for Spanned<S>
 where
@@ -40,6 +43,9 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if !telemetry::wants_span(request.headers()) {
+            return futures_util::future::Either::Right(self.inner.call(request));
+        }
         // The path names the RPC (`/package.Service/Method`), as OpenTelemetry names gRPC spans
         // without the leading slash.
         let name = request.uri().path().trim_start_matches('/');
@@ -52,6 +58,8 @@ where
             span_id = tracing::field::Empty,
         );
         let (span, context) = telemetry::incoming_span(request.headers(), span);
-        telemetry::in_context(self.inner.call(request), context).instrument(span)
+        futures_util::future::Either::Left(
+            telemetry::in_context(self.inner.call(request), context).instrument(span),
+        )
     }
 }
