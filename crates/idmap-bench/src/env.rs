@@ -3,6 +3,7 @@
 //! started in this process on 127.0.0.1:0 with the generated client connected over TCP.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -38,7 +39,8 @@ pub struct Database {
     pub url: SecretString,
     /// A database this run created on someone else's server: (maintenance URL, name) to drop it.
     created: Option<(String, String)>,
-    _cluster: Option<EmbeddedPg>,
+    /// Shared so that a scenario can halt and resume it from a blocking task.
+    cluster: Option<Arc<EmbeddedPg>>,
 }
 
 impl Database {
@@ -54,7 +56,7 @@ impl Database {
                 Self {
                     url: SecretString::from(cluster.url()),
                     created: None,
-                    _cluster: Some(cluster),
+                    cluster: Some(Arc::new(cluster)),
                 }
             }
             Some(url) => {
@@ -74,7 +76,7 @@ impl Database {
                 Self {
                     url: SecretString::from(parsed.to_string()),
                     created: Some((admin, name)),
-                    _cluster: None,
+                    cluster: None,
                 }
             }
         };
@@ -100,7 +102,7 @@ impl Database {
         let db = Self {
             url: SecretString::from(parsed.to_string()),
             created: Some((here, name)),
-            _cluster: None,
+            cluster: None,
         };
         migrate::run_pending(&idmap::store::Database::new(&db.url)?).await?;
         Ok(db)
@@ -111,8 +113,13 @@ impl Database {
         Self {
             url,
             created: None,
-            _cluster: None,
+            cluster: None,
         }
+    }
+
+    /// The private cluster this run started, when it started one (not with DATABASE_URL).
+    pub fn cluster(&self) -> Option<Arc<EmbeddedPg>> {
+        self.cluster.clone()
     }
 
     pub async fn client(&self) -> anyhow::Result<tokio_postgres::Client> {

@@ -10,6 +10,7 @@
 mod env;
 mod load;
 mod report;
+mod restarts;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -87,6 +88,15 @@ pub enum Scenario {
     /// cache off, then on): whoami calls per session; then a replica started into the warm fleet
     /// resolves every session once: its whoami calls.
     Fleet,
+    /// --fleet-replicas servers with the shared session cache on and a whoami limit of
+    /// --restart-whoami-rps each, restarted one after the other (out of rotation, graceful stop,
+    /// a new one back in) while --restart-sessions sessions are resolved: failed calls, rate-limited
+    /// calls and whoami calls.
+    RollingRestart,
+    /// PostgreSQL halted for --pg-down and resumed while cached sessions are resolved and identities
+    /// are linked: memory-hit errors, how long the calls that need PostgreSQL fail against the
+    /// downtime, their codes, and whether every link's Ory write arrives.
+    PostgresRestart,
 }
 
 impl Scenario {
@@ -106,6 +116,8 @@ impl Scenario {
             Self::MemoryPerSession => "memory-per-session",
             Self::LookupScale => "lookup-scale",
             Self::Fleet => "fleet",
+            Self::RollingRestart => "rolling-restart",
+            Self::PostgresRestart => "postgres-restart",
         }
     }
 
@@ -120,6 +132,8 @@ impl Scenario {
                 | Self::TtlSoak
                 | Self::MemoryPerSession
                 | Self::Fleet
+                | Self::RollingRestart
+                | Self::PostgresRestart
         )
     }
 
@@ -223,6 +237,52 @@ pub struct BenchArgs {
     /// The fleet's IDMAP_SESSION_CACHE_TTL (the target: 30s).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub fleet_ttl: Duration,
+
+    /// Sessions rolling-restart resolves (warmed into the shared session cache first, at the pace
+    /// the whoami limit allows).
+    #[arg(long, default_value_t = 1_000)]
+    pub restart_sessions: usize,
+
+    /// rolling-restart: after taking a replica out of rotation, wait (at most 10 s) for the calls
+    /// already sent to it to finish before stopping it, as a pre-stop delay would. By default it is
+    /// stopped at once, and those calls are left to idmap's drain.
+    #[arg(long)]
+    pub restart_wait_idle: bool,
+
+    /// rolling-restart's IDMAP_SHUTDOWN_DELAY: how long a stopping replica keeps serving, with
+    /// health NOT_SERVING, after it left the rotation, for the calls already on their way to it
+    /// (as a mesh or a Kubernetes preStop hook gives it). `0s` closes its connections at once.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub restart_shutdown_delay: Duration,
+
+    /// rolling-restart's IDMAP_ORY_WHOAMI_RPS, per replica (the target: 20).
+    #[arg(long, default_value_t = 20)]
+    pub restart_whoami_rps: u32,
+
+    /// IDMAP_SESSION_CACHE_TTL of rolling-restart and postgres-restart: long enough that no entry
+    /// is refreshed ahead (at 80% of it) or expires during the run, so that the restarts alone
+    /// decide what reaches Ory and PostgreSQL.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub restart_ttl: Duration,
+
+    /// Steady load before the first restart and after the last (rolling-restart), and before the
+    /// halt and after the resume (postgres-restart).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub restart_steady: Duration,
+
+    /// How long postgres-restart keeps PostgreSQL down.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub pg_down: Duration,
+
+    /// Calls in flight of each of postgres-restart's loads that need PostgreSQL (links, cold
+    /// lookups); the cached resolves get --concurrency.
+    #[arg(long, default_value_t = 2)]
+    pub pg_db_concurrency: usize,
+
+    /// How long postgres-restart waits, after its load, for the Ory write of every link that
+    /// succeeded to arrive.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub pg_outbox_wait: Duration,
 
     /// Users lookup-scale grows the table to for its second measurement.
     #[arg(long, default_value_t = 1_000_000)]
@@ -780,6 +840,12 @@ async fn scenarios_in_process(
     }
     if selected.contains(&Scenario::Fleet) {
         fleet(args, &base, emulator, &identities, report).await?;
+    }
+    if selected.contains(&Scenario::RollingRestart) {
+        restarts::rolling_restart(args, &base, emulator, &identities, report).await?;
+    }
+    if selected.contains(&Scenario::PostgresRestart) {
+        restarts::postgres_restart(args, &base, db, emulator, &identities, report).await?;
     }
     Ok(())
 }

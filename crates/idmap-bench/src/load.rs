@@ -244,3 +244,241 @@ pub async fn run(plan: Plan, make: MakeCall, emulator: Option<&Emulator>) -> Loa
         ory,
     }
 }
+
+/// A failed call of a [`Continuous`] run, with when it ran (since the run's origin) and why.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub started: Duration,
+    pub ended: Duration,
+    pub code: tonic::Code,
+    /// The `google.rpc.ErrorInfo` reason, when the status carries one (idmap's always do; a
+    /// transport failure on the client's side does not).
+    pub reason: Option<String>,
+    pub message: String,
+}
+
+impl Failure {
+    fn of(status: &tonic::Status, started: Duration, ended: Duration) -> Self {
+        use tonic_types::StatusExt as _;
+        Self {
+            started,
+            ended,
+            code: status.code(),
+            reason: status.get_details_error_info().map(|info| info.reason),
+            message: describe(status).chars().take(300).collect(),
+        }
+    }
+
+    /// `UNAVAILABLE/DATABASE_UNAVAILABLE`, or `UNAVAILABLE/-` without an ErrorInfo.
+    pub fn kind(&self) -> String {
+        format!("{:?}/{}", self.code, self.reason.as_deref().unwrap_or("-"))
+    }
+}
+
+/// A status's message and the chain of errors beneath it: for a failure on the client's side (a
+/// transport or HTTP/2 error) the message alone does not say what happened.
+pub fn describe(status: &tonic::Status) -> String {
+    let mut text = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        let cause = e.to_string();
+        if !text.ends_with(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+        source = e.source();
+    }
+    text
+}
+
+/// Failures grouped by [`Failure::kind`], most frequent first, each with its first message:
+/// `Unavailable/DATABASE_UNAVAILABLE x 12 ("...")`, or `none`.
+pub fn failure_summary<'a>(failures: impl IntoIterator<Item = &'a Failure>) -> String {
+    let mut kinds: std::collections::BTreeMap<String, (u64, String)> = Default::default();
+    for f in failures {
+        kinds
+            .entry(f.kind())
+            .or_insert_with(|| (0, f.message.clone()))
+            .0 += 1;
+    }
+    if kinds.is_empty() {
+        return "none".to_owned();
+    }
+    let mut kinds: Vec<_> = kinds.into_iter().collect();
+    kinds.sort_by_key(|(_, (n, _))| std::cmp::Reverse(*n));
+    kinds
+        .into_iter()
+        .map(|(kind, (n, message))| format!("{kind} x {n} (\"{message}\")"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One call of a [`Continuous`] run: start since the run's origin and latency, in microseconds.
+/// Kept this small because a run of a minute records over a million of them.
+#[derive(Debug, Clone, Copy)]
+pub struct Span {
+    pub start_us: u64,
+    pub took_us: u32,
+    pub failed: bool,
+}
+
+impl Span {
+    pub fn start(&self) -> Duration {
+        Duration::from_micros(self.start_us)
+    }
+
+    pub fn end(&self) -> Duration {
+        Duration::from_micros(self.start_us + u64::from(self.took_us))
+    }
+}
+
+/// Every call of a [`Continuous`] run.
+#[derive(Debug, Clone)]
+pub struct Timeline {
+    pub origin: Instant,
+    pub calls: Vec<Span>,
+    pub failures: Vec<Failure>,
+    /// The scenario ran out of pre-created work before the run was stopped.
+    pub exhausted: bool,
+    /// The run hit its time limit instead of being stopped.
+    pub timed_out: bool,
+}
+
+impl Timeline {
+    /// The calls that started in `from..to` (times since the origin), as a measured window.
+    pub fn window(&self, from: Duration, to: Duration) -> LoadResult {
+        let mut histogram = new_histogram();
+        let mut requests = 0;
+        let mut errors = 0;
+        let mut last_end = from;
+        for call in self
+            .calls
+            .iter()
+            .filter(|c| (from..to).contains(&c.start()))
+        {
+            requests += 1;
+            errors += u64::from(call.failed);
+            record(
+                &mut histogram,
+                Duration::from_micros(u64::from(call.took_us)),
+            );
+            last_end = last_end.max(call.end());
+        }
+        let first_error = self
+            .failures
+            .iter()
+            .filter(|f| (from..to).contains(&f.started))
+            .min_by_key(|f| f.started)
+            .map(|f| format!("{:?}: {}", f.code, f.message));
+        LoadResult {
+            requests,
+            errors,
+            elapsed: last_end.saturating_sub(from),
+            histogram,
+            first_error,
+            exhausted: self.exhausted,
+            ory: None,
+        }
+    }
+
+    /// The whole run as one window.
+    pub fn all(&self) -> LoadResult {
+        self.window(Duration::ZERO, Duration::MAX)
+    }
+}
+
+/// A load that runs until told to stop (or until its time limit), for scenarios whose measured
+/// window is set by events (restarts) rather than by a duration: `concurrency` tasks issue calls
+/// back to back as in [`run`], with no warm-up, and every call is recorded with its time.
+pub struct Continuous {
+    origin: Instant,
+    deadline: Instant,
+    stop: Arc<AtomicBool>,
+    exhausted: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(Vec<Span>, Vec<Failure>)>>,
+}
+
+impl Continuous {
+    /// Starts the load; it ends at [`Continuous::stop`], or after `limit` whatever happens.
+    pub fn start(concurrency: usize, connections: usize, make: MakeCall, limit: Duration) -> Self {
+        let origin = Instant::now();
+        let deadline = origin + limit;
+        let stop = Arc::new(AtomicBool::new(false));
+        let exhausted = Arc::new(AtomicBool::new(false));
+        let sequence = Arc::new(AtomicU64::new(0));
+        let connections = connections.max(1);
+        let tasks = (0..concurrency.max(1))
+            .map(|worker| {
+                let (make, stop, exhausted, sequence) = (
+                    make.clone(),
+                    stop.clone(),
+                    exhausted.clone(),
+                    sequence.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut spans = Vec::new();
+                    let mut failures = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let started = Instant::now();
+                        if started >= deadline {
+                            break;
+                        }
+                        let seq = sequence.fetch_add(1, Ordering::Relaxed);
+                        let Some(call) = make(worker % connections, seq) else {
+                            exhausted.store(true, Ordering::Relaxed);
+                            break;
+                        };
+                        let result = call.await;
+                        let took = started.elapsed();
+                        let start = started - origin;
+                        if let Err(status) = &result {
+                            failures.push(Failure::of(status, start, start + took));
+                        }
+                        spans.push(Span {
+                            start_us: u64::try_from(start.as_micros()).unwrap_or(u64::MAX),
+                            took_us: u32::try_from(took.as_micros()).unwrap_or(u32::MAX),
+                            failed: result.is_err(),
+                        });
+                    }
+                    (spans, failures)
+                })
+            })
+            .collect();
+        Self {
+            origin,
+            deadline,
+            stop,
+            exhausted,
+            tasks,
+        }
+    }
+
+    /// Time since the origin.
+    pub fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    /// Stops issuing calls, waits for those in flight, and returns every call made.
+    pub async fn stop(self) -> Timeline {
+        // Checked before stopping: workers past the limit ended on their own.
+        let timed_out = Instant::now() >= self.deadline;
+        self.stop.store(true, Ordering::Relaxed);
+        let mut calls = Vec::new();
+        let mut failures = Vec::new();
+        for task in self.tasks {
+            if let Ok((spans, failed)) = task.await {
+                calls.extend(spans);
+                failures.extend(failed);
+            }
+        }
+        calls.sort_by_key(|c| c.start_us);
+        failures.sort_by_key(|f| f.started);
+        Timeline {
+            origin: self.origin,
+            calls,
+            failures,
+            exhausted: self.exhausted.load(Ordering::Relaxed),
+            timed_out,
+        }
+    }
+}

@@ -64,3 +64,52 @@ async fn bench_tiny_run_measures_and_coalesces_to_one_whoami() {
     assert_eq!(coalesce.value, 1.0, "{}", coalesce.shown);
     assert_eq!(coalesce.met, Some(true), "{}", coalesce.shown);
 }
+
+/// The restart scenarios run end to end and report their findings. Only what does not depend on
+/// the machine's speed is asserted: memory hits answer while PostgreSQL is down, what fails is
+/// UNAVAILABLE, no link's Ory write is lost, and a restart that lets the calls already sent to a
+/// replica finish fails none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_restarts_report_their_findings() {
+    let cli = Cli::try_parse_from([
+        "idmap-bench",
+        "--concurrency=4",
+        "--connections=2",
+        "--users=10",
+        "--session-pool=10",
+        "--scenario=rolling-restart",
+        "--scenario=postgres-restart",
+        "--fleet-replicas=2",
+        "--restart-sessions=20",
+        "--restart-wait-idle",
+        "--restart-steady=500ms",
+        "--pg-down=1s",
+        "--pg-outbox-wait=90s",
+    ])
+    .unwrap();
+    let report = idmap_bench::run(cli.args).await.unwrap();
+
+    let finding = |scenario: &str, what: &str| {
+        report
+            .findings_of(scenario)
+            .find(|f| f.what.contains(what))
+            .unwrap_or_else(|| panic!("no {scenario} finding on {what}"))
+            .clone()
+    };
+    for (scenario, what) in [
+        ("rolling-restart", "failed calls"),
+        ("rolling-restart", "ORY_RATE_LIMITED"),
+        ("postgres-restart", "memory hits"),
+        ("postgres-restart", "by code"),
+        ("postgres-restart", "did not reach Ory"),
+    ] {
+        let f = finding(scenario, what);
+        assert_eq!(f.met, Some(true), "{scenario}: {}: {}", f.what, f.shown);
+    }
+    assert!(
+        report.row("rolling-restart").unwrap().load.requests > 0,
+        "rolling-restart measured nothing"
+    );
+    let window = finding("postgres-restart", "LinkIdentity: unavailable window");
+    assert!(window.target.is_some(), "{}", window.shown);
+}
