@@ -141,6 +141,7 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let grace = self.config.shutdown_grace;
+        let delay = self.config.shutdown_delay.min(grace);
         if matches!(policy, CallerPolicy::AnyCaller) {
             tracing::warn!(
                 "IDMAP_ALLOW_ANY_CALLER: any caller that reaches the gRPC port may call every RPC"
@@ -176,8 +177,14 @@ impl App {
                 // a slow Ory for longer than the grace period, and the rows it gives back are
                 // delivered by another replica or the next start.
                 stop_worker.cancel();
-                tracing::info!("shutting down: health NOT_SERVING, draining in-flight calls");
                 server::not_serving(&health).await;
+                if !delay.is_zero() {
+                    // Calls keep arriving until balancers and sidecars have seen NOT_SERVING (or
+                    // the endpoint's removal); closing connections now would fail those.
+                    tracing::info!(delay = ?delay, "shutting down: health NOT_SERVING, still serving for IDMAP_SHUTDOWN_DELAY");
+                    tokio::time::sleep(delay).await;
+                }
+                tracing::info!("shutting down: draining in-flight calls");
                 draining.cancel();
             }
         };
@@ -186,8 +193,13 @@ impl App {
         let mut serving = std::pin::pin!(serving);
         let result = tokio::select! {
             r = &mut serving => r,
-            // The grace period starts when draining does; past it, in-flight calls are abandoned.
-            _ = async { draining.cancelled().await; tokio::time::sleep(grace).await } => {
+            // The grace period starts with the shutdown (the delay counts against it); past it,
+            // in-flight calls are abandoned.
+            _ = async {
+                draining.cancelled().await;
+                let started = drain_started.get().copied().unwrap_or_else(Instant::now);
+                tokio::time::sleep_until(started + grace).await;
+            } => {
                 tracing::warn!(grace = ?grace, "in-flight calls did not finish within the grace period");
                 Ok(())
             }

@@ -373,6 +373,13 @@ pub struct CommonArgs {
     #[arg(long, env = "IDMAP_SHUTDOWN_GRACE", value_name = "IDMAP_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// On SIGTERM/SIGINT, how long to keep serving with health NOT_SERVING before closing
+    /// connections (HTTP/2 GOAWAY): the time load balancers and sidecars need to stop sending
+    /// new calls, which a client would otherwise see fail. `0s` when something else waits (a
+    /// Kubernetes preStop hook, as in deploy/kubernetes/). Counts against IDMAP_SHUTDOWN_GRACE.
+    #[arg(long, env = "IDMAP_SHUTDOWN_DELAY", value_name = "IDMAP_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
+
     /// Shared secret Ory's webhooks must present (Ory Actions `auth`: `api_key` or `basic_auth`).
     /// Unset: the /hooks/ory/* endpoints refuse every request.
     #[arg(long, env = ENV_WEBHOOK_SECRET, value_name = ENV_WEBHOOK_SECRET, hide_env_values = true, value_parser = parse_webhook_secret)]
@@ -522,6 +529,7 @@ pub struct Config {
     pub outbox: OutboxSettings,
     pub cache: CacheSettings,
     pub shutdown_grace: Duration,
+    pub shutdown_delay: Duration,
     pub hooks: HookSettings,
     pub pending_users: PendingSettings,
     pub callers: CallerSettings,
@@ -619,6 +627,7 @@ impl Config {
                 shared_sessions: common.session_cache_shared,
             },
             shutdown_grace: common.shutdown_grace,
+            shutdown_delay: common.shutdown_delay,
             hooks: HookSettings {
                 secret: common.webhook_secret,
                 header: common.webhook_header,

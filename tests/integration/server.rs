@@ -152,6 +152,54 @@ async fn shutdown_turns_health_not_serving_and_lets_in_flight_calls_finish() {
         .expect("server exited cleanly");
 }
 
+/// IDMAP_SHUTDOWN_DELAY: health says NOT_SERVING at once, but calls, on open connections and new
+/// ones, are still served until balancers have stopped sending them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_the_shutdown_delay_health_is_not_serving_and_calls_are_served() {
+    let mut env = Env::with(|c| {
+        // Longer than any call here takes; the grace period cuts the delay short in the end.
+        c.shutdown_delay = Duration::from_secs(3600);
+        c.shutdown_grace = Duration::from_secs(5);
+    })
+    .await;
+    let (_, session) = env.customer("delay@example.com");
+    let mut client = env.client();
+    client.resolve_session(token(&session.token)).await.unwrap();
+    let mut watch = HealthClient::new(channel(env.server.addr).await)
+        .watch(HealthCheckRequest {
+            service: "idmap.v1.IdentityService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
+
+    env.server.begin_shutdown();
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status(),
+        ServingStatus::NotServing
+    );
+    client
+        .resolve_session(token(&session.token))
+        .await
+        .expect("served on an open connection during the delay");
+    let mut fresh = idmap::proto::api::identity_service_client::IdentityServiceClient::new(
+        channel(env.server.addr).await,
+    );
+    fresh
+        .resolve_session(token(&session.token))
+        .await
+        .expect("served on a new connection during the delay");
+    drop(watch);
+    tokio::time::timeout(PATIENCE, env.server.join())
+        .await
+        .expect("the grace period ends the delay")
+        .expect("server exited cleanly");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_endpoints_report_liveness_and_readiness() {
     let env = Env::new().await;
