@@ -88,6 +88,14 @@ impl CallerPolicy {
         }
     }
 
+    /// The names of the callers the file lists (none when any caller is allowed).
+    pub fn caller_names(&self) -> Vec<Arc<str>> {
+        match self {
+            Self::AnyCaller => Vec::new(),
+            Self::Callers(callers) => callers.entries.iter().map(|e| e.name.clone()).collect(),
+        }
+    }
+
     /// Decides a call. `Ok(None)`: allowed without an identity (open access, or any caller).
     /// The evidence is read only when the decision needs it: not for health checks, and not when
     /// any caller is allowed.

@@ -3,10 +3,12 @@
 //! (`auth.rs`), and answers a refusal itself, so no handler runs for it. An allowed caller travels
 //! on in the request's extensions.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::HeaderMap;
+use prometheus::IntCounter;
 use tonic::body::Body;
 
 use crate::auth::{Access, Caller, CallerPolicy, Denied, Evidence, RPCS};
@@ -21,13 +23,75 @@ use super::incoming::ConnectionInfo;
 pub struct CallerAuth {
     policy: Arc<CallerPolicy>,
     trusted_header: Option<TrustedHeader>,
+    counters: Arc<CallerCounters>,
 }
 
 impl CallerAuth {
     pub fn new(policy: CallerPolicy, trusted_header: Option<TrustedHeader>) -> Self {
         Self {
+            counters: Arc::new(CallerCounters::new(&policy)),
             policy: Arc::new(policy),
             trusted_header,
+        }
+    }
+}
+
+/// `idmap_caller_calls_total`, resolved for every caller of the file, every RPC (and `other`) and
+/// both decisions when the server starts, so that counting a call takes no lock.
+#[derive(Debug)]
+struct CallerCounters {
+    by_caller: HashMap<Arc<str>, CounterTable>,
+    /// `None` when any caller is allowed: nobody is ever refused.
+    unidentified: Option<CounterTable>,
+}
+
+/// By method (the RPCs in [`RPCS`] order, then `other`), then allowed and denied.
+type CounterTable = Vec<[IntCounter; 2]>;
+
+impl CallerCounters {
+    fn new(policy: &CallerPolicy) -> Self {
+        let table = |caller: &str| -> CounterTable {
+            RPCS.iter()
+                .copied()
+                .chain(["other"])
+                .map(|method| {
+                    ["allowed", "denied"].map(|decision| {
+                        metrics::get()
+                            .caller_calls
+                            .with_label_values(&[caller, method, decision])
+                    })
+                })
+                .collect()
+        };
+        Self {
+            by_caller: policy
+                .caller_names()
+                .into_iter()
+                .map(|name| {
+                    let counters = table(&name);
+                    (name, counters)
+                })
+                .collect(),
+            unidentified: matches!(policy, CallerPolicy::Callers(_)).then(|| table("unidentified")),
+        }
+    }
+
+    /// Counts a decision about an identified (or refused) caller.
+    fn count(&self, access: Access<'_>, decision: &Result<Option<Caller>, Denied>) {
+        let (table, verdict) = match decision {
+            Ok(None) => return,
+            Ok(Some(caller)) => (self.by_caller.get(&*caller.name), 0),
+            Err(Denied::NotAllowed { caller, .. }) => (self.by_caller.get(&*caller.name), 1),
+            Err(Denied::Unauthenticated { .. }) => (self.unidentified.as_ref(), 1),
+        };
+        let method = match access {
+            Access::Rpc(rpc) => RPCS.iter().position(|known| *known == rpc),
+            Access::Open | Access::Identified => None,
+        };
+        if let Some(table) = table
+            && let Some(counters) = table.get(method.unwrap_or(RPCS.len()))
+        {
+            counters[verdict].inc();
         }
     }
 }
@@ -78,7 +142,7 @@ where
             .auth
             .policy
             .authorize(access, || evidence(request.headers(), peer, trusted));
-        count(access, &decision);
+        self.auth.counters.count(access, &decision);
         match decision {
             Ok(caller) => {
                 if let Some(caller) = caller {
@@ -92,25 +156,6 @@ where
             }
         }
     }
-}
-
-/// Counts a decision about an identified (or refused) caller. The method label is one of the
-/// service's RPCs or `other` (reflection, or a path no service has), never the path as sent.
-fn count(access: Access<'_>, decision: &Result<Option<Caller>, Denied>) {
-    let (caller, verdict) = match decision {
-        Ok(None) => return,
-        Ok(Some(caller)) => (&*caller.name, "allowed"),
-        Err(Denied::NotAllowed { caller, .. }) => (&*caller.name, "denied"),
-        Err(Denied::Unauthenticated { .. }) => ("unidentified", "denied"),
-    };
-    let method = match access {
-        Access::Rpc(rpc) => RPCS.iter().copied().find(|known| *known == rpc),
-        Access::Open | Access::Identified => None,
-    };
-    metrics::get()
-        .caller_calls
-        .with_label_values(&[caller, method.unwrap_or("other"), verdict])
-        .inc();
 }
 
 /// What a call to `path` (`/package.Service/Method`) asks for.
