@@ -90,11 +90,20 @@ pub fn init(format: LogFormat) -> Telemetry {
             .with_tonic()
             .build()
         {
-            Ok(exporter) => Some(
-                SdkTracerProvider::builder()
-                    .with_batch_exporter(exporter)
-                    .build(),
-            ),
+            Ok(exporter) => {
+                // The SDK's own resource reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES;
+                // without them the service is `idmap`, not `unknown_service`.
+                let mut resource = opentelemetry_sdk::Resource::builder();
+                if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+                    resource = resource.with_service_name("idmap");
+                }
+                Some(
+                    SdkTracerProvider::builder()
+                        .with_resource(resource.build())
+                        .with_batch_exporter(exporter)
+                        .build(),
+                )
+            }
             Err(e) => {
                 eprintln!("warning: traces will not be exported: {e}");
                 None

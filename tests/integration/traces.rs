@@ -9,6 +9,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use tonic::metadata::MetadataValue;
 
@@ -64,8 +65,9 @@ async fn the_callers_trace_reaches_ory_with_the_whoami_call() {
     assert_eq!(ids(&seen[0]), (trace_id.as_str(), CALLER_SPAN));
 }
 
-/// A stand-in OTLP/gRPC collector: every span it is sent, on a channel.
-struct Collector(tokio::sync::mpsc::UnboundedSender<Span>);
+/// A stand-in OTLP/gRPC collector: every span it is sent, with its resource's `service.name`, on
+/// a channel.
+struct Collector(tokio::sync::mpsc::UnboundedSender<(String, Span)>);
 
 #[tonic::async_trait]
 impl TraceService for Collector {
@@ -74,9 +76,20 @@ impl TraceService for Collector {
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         for resource in request.into_inner().resource_spans {
+            let service = resource
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|a| a.key == "service.name")
+                .and_then(|a| a.value.as_ref())
+                .and_then(|v| match &v.value {
+                    Some(AnyValue::StringValue(s)) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
             for scope in resource.scope_spans {
                 for span in scope.spans {
-                    let _ = self.0.send(span);
+                    let _ = self.0.send((service.clone(), span));
                 }
             }
         }
@@ -125,13 +138,14 @@ async fn spans_are_exported_over_otlp_and_log_lines_carry_the_trace() {
     let mut whoami = None;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while server.is_none() || whoami.is_none() {
-        let span = tokio::time::timeout_at(deadline, spans.recv())
+        let (service, span) = tokio::time::timeout_at(deadline, spans.recv())
             .await
             .expect("the collector never got both spans")
             .unwrap();
         if hex(&span.trace_id) != trace_id {
             continue;
         }
+        assert_eq!(service, "idmap-under-test", "OTEL_SERVICE_NAME is honoured");
         match span.name.as_str() {
             "idmap.v1.IdentityService/ResolveSession" => server = Some(span),
             "ory.whoami" => whoami = Some(span),
