@@ -102,13 +102,11 @@ async fn reflection_v1_and_v1alpha_list_and_describe_every_service() {
     assert_reflection!(v1alpha, channel, services, symbols);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_turns_health_not_serving_and_lets_in_flight_calls_finish() {
-    let mut env = Env::new().await;
-    let (_, session) = env.customer("inflight@example.com");
-    let channel = channel(env.server.addr).await;
-    let mut health = HealthClient::new(channel.clone());
-    let mut watch = health
+/// A health watch of the identity service, past its first answer (SERVING).
+async fn watch_service_health(
+    env: &Env,
+) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    let mut watch = HealthClient::new(channel(env.server.addr).await)
         .watch(HealthCheckRequest {
             service: "idmap.v1.IdentityService".into(),
         })
@@ -119,6 +117,14 @@ async fn shutdown_turns_health_not_serving_and_lets_in_flight_calls_finish() {
         watch.next().await.unwrap().unwrap().status(),
         ServingStatus::Serving
     );
+    watch
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_turns_health_not_serving_and_lets_in_flight_calls_finish() {
+    let mut env = Env::new().await;
+    let (_, session) = env.customer("inflight@example.com");
+    let mut watch = watch_service_health(&env).await;
 
     // A call that Ory holds on to is in flight when the shutdown begins.
     let gate = Gate::new();
@@ -165,17 +171,7 @@ async fn during_the_shutdown_delay_health_is_not_serving_and_calls_are_served() 
     let (_, session) = env.customer("delay@example.com");
     let mut client = env.client();
     client.resolve_session(token(&session.token)).await.unwrap();
-    let mut watch = HealthClient::new(channel(env.server.addr).await)
-        .watch(HealthCheckRequest {
-            service: "idmap.v1.IdentityService".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        watch.next().await.unwrap().unwrap().status(),
-        ServingStatus::Serving
-    );
+    let mut watch = watch_service_health(&env).await;
 
     env.server.begin_shutdown();
     assert_eq!(
