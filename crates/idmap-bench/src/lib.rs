@@ -879,10 +879,7 @@ async fn fleet(
     for shared in [false, true] {
         let mut config = base.clone();
         config.cache.session_ttl = args.fleet_ttl;
-        config.cache.session_max_entries = config
-            .cache
-            .session_max_entries
-            .max(args.fleet_sessions as u64);
+        room_for_sessions(&mut config, args.fleet_sessions);
         config.cache.shared_sessions = shared;
         config.ory.whoami_rps = None;
         let label = format!(
@@ -974,6 +971,11 @@ async fn fleet(
         }
     }
     Ok(())
+}
+
+/// Makes the session cache big enough for a scenario's `sessions`, so no entry is evicted for room.
+fn room_for_sessions(config: &mut Config, sessions: usize) {
+    config.cache.session_max_entries = config.cache.session_max_entries.max(sessions as u64);
 }
 
 /// Records whether a row meets a throughput-ratio (and optionally p99-ratio) target.
@@ -1246,10 +1248,7 @@ async fn ttl_soak(
     let name = Scenario::TtlSoak.name();
     let mut config = base.clone();
     config.cache.session_ttl = args.soak_ttl;
-    config.cache.session_max_entries = config
-        .cache
-        .session_max_entries
-        .max(args.soak_sessions as u64);
+    room_for_sessions(&mut config, args.soak_sessions);
     config.ory.whoami_rps = None;
     let label = format!(
         "IDMAP_SESSION_CACHE_TTL={}, IDMAP_ORY_WHOAMI_RPS=0",

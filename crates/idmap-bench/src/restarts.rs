@@ -18,7 +18,10 @@ use uuid::Uuid;
 use super::env::{self, Database, Server};
 use super::load::{self, Continuous, Failure, OryCalls, Plan, Timeline};
 use super::report::{self, Finding, Report, Row};
-use super::{BenchArgs, Client, Scenario, boxed, clients, new_sessions, resolve, resolve_all};
+use super::{
+    BenchArgs, Client, Scenario, boxed, clients, new_sessions, resolve, resolve_all,
+    room_for_sessions,
+};
 use idmap::config::Config;
 use idmap::error::reason;
 use idmap::proto::api::{self, resolve_session_request};
@@ -200,10 +203,7 @@ pub(super) async fn rolling_restart(
     let mut config = base.clone();
     config.cache.shared_sessions = true;
     config.cache.session_ttl = args.restart_ttl;
-    config.cache.session_max_entries = config
-        .cache
-        .session_max_entries
-        .max(args.restart_sessions as u64);
+    room_for_sessions(&mut config, args.restart_sessions);
     config.ory.whoami_rps = NonZeroU32::new(rps);
     config.shutdown_delay = args.restart_shutdown_delay;
     let mut servers = Vec::with_capacity(replicas);
@@ -602,10 +602,7 @@ pub(super) async fn postgres_restart(
     };
     let mut config = base.clone();
     config.cache.session_ttl = args.restart_ttl;
-    config.cache.session_max_entries = config
-        .cache
-        .session_max_entries
-        .max(args.session_pool as u64);
+    room_for_sessions(&mut config, args.session_pool);
     config.ory.whoami_rps = None;
     config.ory.admin_rps = None;
     let label = format!(
