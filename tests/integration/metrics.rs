@@ -283,3 +283,20 @@ async fn metrics_name_identified_callers_and_count_refusals() {
         assert!(!body.contains(secret), "the scrape shows {secret}");
     }
 }
+
+/// A scrape while PostgreSQL is unreachable still answers, with every family; the database's
+/// figures keep their last values rather than failing the scrape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_without_the_database_still_answers() {
+    let env = Env::new().await;
+    let outage = env.db.outage().await;
+    let body = scrape(&env).await;
+    for family in [
+        "grpc_server_started_total",
+        "idmap_cache_lookups_total",
+        "idmap_outbox_pending",
+    ] {
+        assert!(sample(&body, family, &[]).is_some(), "{family} missing");
+    }
+    outage.end().await;
+}
