@@ -15,13 +15,16 @@ use sha2::{Digest, Sha256};
 use crate::config::{CallerSettings, ConfigError, ENV_CALLERS};
 
 /// The RPCs of `idmap.v1.IdentityService` a caller can be granted, by their proto names.
-pub const RPCS: [&str; 6] = [
+pub const RPCS: [&str; 9] = [
     "ResolveSession",
     "GetUserByOryId",
     "GetByExternalId",
     "LinkIdentity",
     "BatchGetUsers",
     "InvalidateSession",
+    "SetExternalId",
+    "RemoveExternalId",
+    "BatchGetByExternalIds",
 ];
 
 /// An identified caller, as logs and metrics name it. Never a secret.

@@ -64,6 +64,8 @@ impl CacheResult {
 pub enum CacheName {
     Session,
     User,
+    /// Ory's answers to "which identity has this external id" (misses are what it keeps).
+    OryExternalId,
 }
 
 /// Where an eviction came from.
@@ -80,6 +82,7 @@ pub enum EvictionOrigin {
 pub enum OryEndpoint {
     Whoami,
     GetIdentity,
+    GetIdentityByExternalId,
     PatchIdentity,
     ListIdentities,
 }
@@ -89,6 +92,7 @@ impl OryEndpoint {
         match self {
             OryEndpoint::Whoami => "whoami",
             OryEndpoint::GetIdentity => "get_identity",
+            OryEndpoint::GetIdentityByExternalId => "get_identity_by_external_id",
             OryEndpoint::PatchIdentity => "patch_identity",
             OryEndpoint::ListIdentities => "list_identities",
         }
@@ -119,6 +123,7 @@ pub struct Metrics {
     pub grpc_handling_seconds: HistogramVec,
     session_lookups: [IntCounter; 5],
     user_lookups: [IntCounter; 5],
+    ory_external_id_lookups: [IntCounter; 5],
     evictions: [IntCounter; 2],
     ory_requests: IntCounterVec,
     ory_seconds: HistogramVec,
@@ -226,6 +231,7 @@ impl Metrics {
             ),
             session_lookups: lookups("session"),
             user_lookups: lookups("user"),
+            ory_external_id_lookups: lookups("ory_external_id"),
             evictions: [
                 evictions.with_label_values(&["local"]),
                 evictions.with_label_values(&["heard"]),
@@ -283,6 +289,7 @@ impl Metrics {
         let counters = match cache {
             CacheName::Session => &self.session_lookups,
             CacheName::User => &self.user_lookups,
+            CacheName::OryExternalId => &self.ory_external_id_lookups,
         };
         counters[result as usize].inc();
     }

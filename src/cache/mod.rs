@@ -25,7 +25,7 @@ pub mod invalidation;
 pub mod shared;
 
 use crate::config::CacheSettings;
-use crate::domain::{IdentityId, SessionWithIdentity, User};
+use crate::domain::{IdentityId, Namespace, SessionWithIdentity, User};
 use crate::metrics::{self, CacheName, CacheResult};
 
 /// A SHA-256 of a credential (`Credential::fingerprint`).
@@ -178,13 +178,26 @@ impl Expiry<SessionKey, Arc<StaleEntry>> for UsableFor {
     }
 }
 
+/// The key of a business id in the caches: namespace and value, split by a NUL, which neither may
+/// hold, so no two pairs share a key.
+fn index_key(namespace: &Namespace, value: &str) -> String {
+    let mut key = String::with_capacity(namespace.as_str().len() + 1 + value.len());
+    key.push_str(namespace.as_str());
+    key.push('\0');
+    key.push_str(value);
+    key
+}
+
 /// The caches of one replica.
 pub struct Caches {
     settings: CacheSettings,
     sessions: Cache<SessionKey, Arc<SessionEntry>>,
     stale: Option<Cache<SessionKey, Arc<StaleEntry>>>,
     users: Cache<IdentityId, Arc<User>>,
+    /// Which identity's user held a business id when last seen, by [`index_key`].
     external_ids: Cache<String, IdentityId>,
+    /// Business ids (by [`index_key`]) Ory answered 404 for, in the namespace mirrored to Ory.
+    ory_external_id_misses: Cache<String, ()>,
     /// Session evictions, recorded before they evict (see the module docs).
     session_evictions: Evictions<SessionTarget>,
     /// User evictions, recorded before they evict.
@@ -307,12 +320,17 @@ impl Caches {
             .max_capacity(settings.user_max_entries)
             .time_to_live(settings.user_ttl)
             .build();
+        let ory_external_id_misses = Cache::builder()
+            .max_capacity(settings.user_max_entries)
+            .time_to_live(settings.external_id_miss_ttl)
+            .build();
         Self {
             settings,
             sessions,
             stale,
             users,
             external_ids,
+            ory_external_id_misses,
             session_evictions: Evictions::new(),
             user_evictions: Evictions::new(),
             shared: None,
@@ -563,6 +581,7 @@ impl Caches {
         }
         self.users.invalidate_all();
         self.external_ids.invalidate_all();
+        self.ory_external_id_misses.invalidate_all();
     }
 
     pub async fn user(&self, identity: &IdentityId) -> Option<Arc<User>> {
@@ -665,21 +684,76 @@ impl Caches {
     }
 
     async fn remember_external_id(&self, user: &Arc<User>) {
-        if let Some(ext) = &user.external_id {
+        for id in &user.external_ids {
             self.external_ids
-                .insert(ext.as_str().to_owned(), user.ory_identity_id)
+                .insert(
+                    index_key(&id.namespace, id.value.as_str()),
+                    user.ory_identity_id,
+                )
                 .await;
         }
     }
 
-    /// The identity whose user held this external id when last seen. Callers must check the user
+    /// The identity whose user held this business id when last seen. Callers must check the user
     /// they then load still holds it.
-    pub async fn identity_for_external_id(&self, external_id: &str) -> Option<IdentityId> {
-        self.external_ids.get(external_id).await
+    pub async fn identity_for_external_id(
+        &self,
+        namespace: &Namespace,
+        value: &str,
+    ) -> Option<IdentityId> {
+        self.external_ids.get(&index_key(namespace, value)).await
     }
 
-    pub async fn forget_external_id(&self, external_id: &str) {
-        self.external_ids.invalidate(external_id).await;
+    pub async fn forget_external_id(&self, namespace: &Namespace, value: &str) {
+        self.external_ids
+            .invalidate(&index_key(namespace, value))
+            .await;
+    }
+
+    /// Asks Ory (`ask`) which identity holds a business id, unless it answered "none" within
+    /// `IDMAP_EXTERNAL_ID_MISS_TTL`: such answers are remembered, so lookups of unknown ids cannot
+    /// flood Ory's admin API. Concurrent askers for one id share one call. `Ok(None)`: Ory has none.
+    pub async fn ask_ory_for_external_id<T, E, F, Fut>(
+        &self,
+        namespace: &Namespace,
+        value: &str,
+        ask: F,
+    ) -> Result<Option<T>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>, E>>,
+        T: Clone + Send + Sync + 'static,
+        E: Clone + Send + Sync + 'static,
+    {
+        // Only a miss is kept; a found identity or an error is handed to every waiting caller
+        // through moka's shared error and then dropped.
+        let asked_ory = AtomicBool::new(false);
+        let asked = self
+            .ory_external_id_misses
+            .try_get_with(index_key(namespace, value), async {
+                asked_ory.store(true, Ordering::Relaxed);
+                match ask().await {
+                    Ok(None) => Ok(()),
+                    Ok(Some(found)) => Err(Ok(found)),
+                    Err(e) => Err(Err(e)),
+                }
+            })
+            .await;
+        metrics::get().cache_lookup(
+            CacheName::OryExternalId,
+            match (asked_ory.load(Ordering::Relaxed), &asked) {
+                (true, _) => CacheResult::Miss,
+                (false, Ok(())) => CacheResult::Hit,
+                (false, Err(_)) => CacheResult::Coalesced,
+            },
+        );
+        match asked {
+            Ok(()) => Ok(None),
+            Err(shared) => match &*shared {
+                Ok(found) => Ok(Some(found.clone())),
+                Err(e) => Err(e.clone()),
+            },
+        }
     }
 
     /// Entries currently held (approximate), for metrics and benchmarks.
@@ -761,7 +835,7 @@ mod tests {
         User {
             id: crate::domain::UserId::mint(),
             ory_identity_id: identity,
-            external_id: None,
+            external_ids: Vec::new(),
             schema_id: "default".into(),
             created_at: chrono::Utc::now(),
             updated_at: chrono::Utc::now(),

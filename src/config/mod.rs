@@ -11,6 +11,8 @@ use clap::Args;
 use secrecy::SecretString;
 use url::Url;
 
+use crate::domain::Namespace;
+
 mod settings;
 
 pub use settings::{
@@ -25,6 +27,7 @@ pub const ENV_TLS_CERT: &str = "IDMAP_TLS_CERT";
 pub const ENV_TLS_KEY: &str = "IDMAP_TLS_KEY";
 pub const ENV_TLS_CLIENT_CA: &str = "IDMAP_TLS_CLIENT_CA";
 pub const ENV_ORY_PUBLIC_URL: &str = "ORY_PUBLIC_URL";
+pub const ENV_ORY_EXTERNAL_ID_NAMESPACE: &str = "IDMAP_ORY_EXTERNAL_ID_NAMESPACE";
 pub const ENV_ORY_ADMIN_URL: &str = "ORY_ADMIN_URL";
 pub const ENV_ORY_API_KEY: &str = "ORY_API_KEY";
 pub const ENV_WEBHOOK_SECRET: &str = "IDMAP_WEBHOOK_SECRET";
@@ -205,6 +208,17 @@ fn parse_header_name(value: &str) -> Result<HeaderName, InvalidValue> {
     })
 }
 
+fn parse_namespace(value: &str) -> Result<Namespace, InvalidValue> {
+    match Namespace::parse(ENV_ORY_EXTERNAL_ID_NAMESPACE, value) {
+        // The default namespace is what an unset variable means: no namespace is mirrored.
+        Ok(namespace) if namespace.is_default() => {
+            Err("must name a namespace ([a-z0-9._-], starting with a letter or digit); leave it unset to mirror none".into())
+        }
+        Ok(namespace) => Ok(namespace),
+        Err(violation) => Err(violation.description.into()),
+    }
+}
+
 fn parse_cookie_name(value: &str) -> Result<String, InvalidValue> {
     let ok = !value.is_empty()
         && value
@@ -278,6 +292,17 @@ pub struct CommonArgs {
     /// Upper bound on one call to Ory.
     #[arg(long, env = "IDMAP_ORY_TIMEOUT", value_name = "IDMAP_ORY_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
     pub ory_timeout: Duration,
+
+    /// The business-id namespace kept in step with Ory's own `external_id`: values set there are
+    /// written to the identity's `external_id`, Ory's value is adopted at link time, and
+    /// GetByExternalId asks Ory for values idmap does not hold. Unset: no namespace is.
+    #[arg(long, env = ENV_ORY_EXTERNAL_ID_NAMESPACE, value_name = ENV_ORY_EXTERNAL_ID_NAMESPACE, value_parser = parse_namespace)]
+    pub ory_external_id_namespace: Option<Namespace>,
+
+    /// How long Ory's 404 for an external id (GetByExternalId in the namespace mirrored to Ory) is
+    /// remembered, so lookups of unknown ids cannot flood Ory's admin API.
+    #[arg(long, env = "IDMAP_EXTERNAL_ID_MISS_TTL", value_name = "IDMAP_EXTERNAL_ID_MISS_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub external_id_miss_ttl: Duration,
 
     /// Link a user just in time when ResolveSession meets an identity without one.
     #[arg(long, env = "IDMAP_AUTO_LINK", value_name = "IDMAP_AUTO_LINK", default_value = "true", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
@@ -566,6 +591,7 @@ impl Config {
             lease: common
                 .outbox_lease
                 .unwrap_or(OutboxSettings::default().lease),
+            external_id_namespace: common.ory_external_id_namespace.clone(),
             ..OutboxSettings::default()
         }
         .for_ory_timeout(common.ory_timeout);
@@ -609,6 +635,7 @@ impl Config {
             service: ServiceSettings {
                 auto_link: common.auto_link,
                 session_cookie_name: common.ory_session_cookie,
+                ory_external_id_namespace: common.ory_external_id_namespace.clone(),
             },
             pool: PoolOptions {
                 max_size: common.db_pool_size,
@@ -625,6 +652,7 @@ impl Config {
                 user_ttl: common.user_cache_ttl,
                 user_max_entries: common.user_cache_max_entries,
                 shared_sessions: common.session_cache_shared,
+                external_id_miss_ttl: common.external_id_miss_ttl,
             },
             shutdown_grace: common.shutdown_grace,
             shutdown_delay: common.shutdown_delay,

@@ -11,6 +11,8 @@ use axum::http::HeaderName;
 use secrecy::SecretString;
 use url::Url;
 
+use crate::domain::Namespace;
+
 /// Cache sizes and lifetimes.
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
@@ -29,6 +31,8 @@ pub struct CacheSettings {
     pub user_max_entries: u64,
     /// Share validated sessions between replicas through PostgreSQL (the second cache level).
     pub shared_sessions: bool,
+    /// How long Ory's "no identity has that external id" (404) is remembered.
+    pub external_id_miss_ttl: Duration,
 }
 
 impl Default for CacheSettings {
@@ -41,6 +45,7 @@ impl Default for CacheSettings {
             user_ttl: Duration::from_secs(300),
             user_max_entries: 100_000,
             shared_sessions: true,
+            external_id_miss_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -101,6 +106,8 @@ pub struct OutboxSettings {
     pub retry_max: Duration,
     /// Longest sleep between looks at the table (rows queued by other replicas are seen this late).
     pub poll_interval: Duration,
+    /// The business-id namespace whose values are written to Ory's `external_id`.
+    pub external_id_namespace: Option<Namespace>,
 }
 
 impl OutboxSettings {
@@ -122,6 +129,7 @@ impl Default for OutboxSettings {
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(300),
             poll_interval: Duration::from_secs(1),
+            external_id_namespace: None,
         }
     }
 }
@@ -153,6 +161,8 @@ pub struct ServiceSettings {
     pub auto_link: bool,
     /// An extra session cookie name to accept (Kratos's `session.cookie.name`).
     pub session_cookie_name: Option<String>,
+    /// The business-id namespace kept in step with Ory's `external_id`, if any.
+    pub ory_external_id_namespace: Option<Namespace>,
 }
 
 /// Pool sizing and timeouts.

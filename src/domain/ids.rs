@@ -153,6 +153,78 @@ impl fmt::Display for ExternalId {
     }
 }
 
+/// The longest namespace name.
+pub const MAX_NAMESPACE_CHARS: usize = 64;
+
+/// The namespace of a business id: empty (the default, what the single-id API fields mean) or 1 to
+/// 64 characters of `[a-z0-9._-]` starting with a letter or digit. Names are lower case only, so
+/// `CRM` and `crm` cannot become two namespaces by accident.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Namespace(String);
+
+impl Namespace {
+    /// The default namespace.
+    pub const DEFAULT: Namespace = Namespace(String::new());
+
+    pub fn parse(field: &'static str, value: &str) -> Result<Self, FieldViolation> {
+        if value.is_empty() {
+            return Ok(Self::DEFAULT);
+        }
+        if value.len() > MAX_NAMESPACE_CHARS {
+            return Err(FieldViolation::new(
+                field,
+                format!(
+                    "must be at most {MAX_NAMESPACE_CHARS} characters, got {}",
+                    value.chars().count()
+                ),
+            ));
+        }
+        let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+        let mut chars = value.chars();
+        if !chars.next().is_some_and(valid)
+            || !chars.all(|c| valid(c) || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(FieldViolation::new(
+                field,
+                "must be empty (the default namespace) or [a-z0-9._-] starting with a letter or digit",
+            ));
+        }
+        Ok(Self(value.to_owned()))
+    }
+
+    /// Wraps a value read back from storage, which only ever holds validated namespaces.
+    pub(crate) fn from_trusted(value: String) -> Self {
+        Self(value)
+    }
+
+    pub fn is_default(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Namespace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A business id: a value in a namespace. A value is unique within its namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NamespacedId {
+    pub namespace: Namespace,
+    pub value: ExternalId,
+}
+
+impl NamespacedId {
+    pub fn new(namespace: Namespace, value: ExternalId) -> Self {
+        Self { namespace, value }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,5 +279,33 @@ mod tests {
         }
         // Visible non-ASCII stays allowed.
         assert!(ExternalId::parse("f", "kunde-müller-北京").is_ok());
+    }
+
+    #[test]
+    fn namespaces_are_lower_case_names_or_the_default() {
+        assert!(Namespace::parse("f", "").unwrap().is_default());
+        for good in [
+            "crm",
+            "billing.v2",
+            "legacy_erp",
+            "a",
+            "0-ledger",
+            &"a".repeat(64),
+        ] {
+            assert_eq!(Namespace::parse("f", good).unwrap().as_str(), good);
+        }
+        for bad in [
+            "CRM",
+            "-crm",
+            ".x",
+            "_x",
+            "crm id",
+            "crm/1",
+            "kündigung",
+            &"a".repeat(65),
+            "crm\n",
+        ] {
+            assert!(Namespace::parse("f", bad).is_err(), "{bad:?} accepted");
+        }
     }
 }

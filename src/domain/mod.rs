@@ -11,9 +11,12 @@ mod user;
 pub use credential::{
     Credential, CredentialKind, MAX_COOKIE_HEADER_BYTES, MAX_SESSION_TOKEN_BYTES,
 };
-pub use ids::{ExternalId, IdentityId, MAX_EXTERNAL_ID_BYTES, UserId, parse_uuid};
+pub use ids::{
+    ExternalId, IdentityId, MAX_EXTERNAL_ID_BYTES, MAX_NAMESPACE_CHARS, Namespace, NamespacedId,
+    UserId, parse_uuid,
+};
 pub use session::{AuthenticationMethod, Identity, Session, SessionWithIdentity};
-pub use user::{LinkConflict, LinkOutcome, LinkRequest, User, UserState};
+pub use user::{Adoption, LinkConflict, LinkOutcome, LinkRequest, Subject, User, UserState};
 
 /// A field that failed validation: which one, and why, in words a caller can act on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,19 +1,51 @@
 use chrono::{DateTime, Utc};
 
-use super::{ExternalId, IdentityId, UserId};
+use super::{ExternalId, IdentityId, Namespace, NamespacedId, UserId};
 
 /// An internal user record, linked to one Ory identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
     pub id: UserId,
     pub ory_identity_id: IdentityId,
-    pub external_id: Option<ExternalId>,
+    /// The user's business ids, at most one per namespace, sorted by namespace.
+    pub external_ids: Vec<NamespacedId>,
     /// The identity's schema as last seen from Ory ("customer", "employee", ...).
     pub schema_id: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// What Ory says of the identity, as reconciliation last found it.
     pub state: UserState,
+}
+
+impl User {
+    /// The user's value in `namespace`, if it holds one.
+    pub fn external_id(&self, namespace: &Namespace) -> Option<&ExternalId> {
+        self.external_ids
+            .iter()
+            .find(|id| &id.namespace == namespace)
+            .map(|id| &id.value)
+    }
+
+    /// The value in the default namespace (what `User.external_id` carries).
+    pub fn default_external_id(&self) -> Option<&ExternalId> {
+        // Sorted by namespace, so the default namespace, the empty string, comes first.
+        self.external_ids
+            .first()
+            .filter(|id| id.namespace.is_default())
+            .map(|id| &id.value)
+    }
+
+    /// Whether the user holds `value` in `namespace`.
+    pub fn holds(&self, namespace: &Namespace, value: &ExternalId) -> bool {
+        self.external_id(namespace) == Some(value)
+    }
+}
+
+/// Whose business ids a call changes: a user by its identity or by its own id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    Identity(IdentityId),
+    User(UserId),
 }
 
 /// The state of a user's Ory identity. Users are never hard-deleted; reconciliation records here
@@ -71,8 +103,9 @@ pub struct LinkRequest {
     pub ory_identity_id: IdentityId,
     /// The user to link to; `None`: the identity's existing user, else a new one.
     pub user_id: Option<UserId>,
-    /// A business id to give the user; `None` leaves it as it is.
-    pub external_id: Option<ExternalId>,
+    /// Business ids to give the user, at most one per namespace; namespaces not named are left
+    /// as they are.
+    pub external_ids: Vec<NamespacedId>,
 }
 
 /// The result of a link: the user, and whether this call created it.
@@ -80,6 +113,17 @@ pub struct LinkRequest {
 pub struct LinkOutcome {
     pub user: User,
     pub created: bool,
+    /// What became of the identity's Ory `external_id` when it was offered for adoption.
+    pub adoption: Option<Adoption>,
+}
+
+/// Adopting an identity's Ory `external_id` into the mirrored namespace at link time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Adoption {
+    /// The user had no value there and now holds Ory's.
+    Adopted(ExternalId),
+    /// Another user holds that value in the namespace: nothing was overwritten.
+    TakenBy { value: ExternalId, user_id: UserId },
 }
 
 /// Why a link could not be stored.
@@ -89,8 +133,15 @@ pub enum LinkConflict {
     IdentityLinked { user_id: UserId },
     /// The requested user is already linked to this other identity.
     UserLinked { ory_identity_id: IdentityId },
-    /// Another user holds the external id.
-    ExternalIdTaken { user_id: Option<UserId> },
-    /// The identity's user already has this other external id.
-    ExternalIdAlreadySet { external_id: ExternalId },
+    /// Another user holds the value in the namespace.
+    ExternalIdTaken {
+        namespace: Namespace,
+        value: ExternalId,
+        user_id: Option<UserId>,
+    },
+    /// The user already holds this other value in the namespace.
+    ExternalIdAlreadySet {
+        namespace: Namespace,
+        external_id: ExternalId,
+    },
 }

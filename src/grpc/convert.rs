@@ -6,8 +6,10 @@ use prost_types::{ListValue, Struct, Timestamp, Value as PbValue, value::Kind};
 use serde_json::Value;
 
 use crate::domain::{
-    AuthenticationMethod, ExternalId, Identity, IdentityId, LinkRequest, Session, User, UserId,
+    AuthenticationMethod, ExternalId, FieldViolation, Identity, IdentityId, LinkRequest, Namespace,
+    NamespacedId, Session, Subject, User, UserId,
 };
+use crate::error::Error;
 use crate::proto::api;
 
 pub fn timestamp(at: DateTime<Utc>) -> Timestamp {
@@ -53,7 +55,7 @@ impl From<&User> for api::User {
         let User {
             id,
             ory_identity_id,
-            external_id,
+            external_ids,
             schema_id,
             created_at,
             updated_at,
@@ -62,14 +64,21 @@ impl From<&User> for api::User {
         Self {
             id: id.to_string(),
             ory_identity_id: ory_identity_id.to_string(),
-            external_id: external_id
-                .as_ref()
+            external_id: user
+                .default_external_id()
                 .map(|e| e.as_str().to_owned())
                 .unwrap_or_default(),
             schema_id: schema_id.clone(),
             created_at: Some(timestamp(*created_at)),
             updated_at: Some(timestamp(*updated_at)),
             state: state.as_str().to_owned(),
+            external_ids: external_ids
+                .iter()
+                .map(|id| api::ExternalId {
+                    namespace: id.namespace.as_str().to_owned(),
+                    value: id.value.as_str().to_owned(),
+                })
+                .collect(),
         }
     }
 }
@@ -141,8 +150,7 @@ impl From<&Identity> for api::Identity {
 }
 
 /// Parses BatchGetUsers's ids, naming each bad one by its index.
-pub fn batch_ids(ids: &[String]) -> Result<Vec<IdentityId>, crate::error::Error> {
-    use crate::domain::FieldViolation;
+pub fn batch_ids(ids: &[String]) -> Result<Vec<IdentityId>, Error> {
     use crate::service::MAX_BATCH_IDS;
     if ids.len() > MAX_BATCH_IDS {
         return Err(FieldViolation {
@@ -165,18 +173,19 @@ pub fn batch_ids(ids: &[String]) -> Result<Vec<IdentityId>, crate::error::Error>
     if violations.is_empty() {
         Ok(parsed)
     } else {
-        Err(crate::error::Error::InvalidArgument(violations))
+        Err(Error::InvalidArgument(violations))
     }
 }
 
 impl TryFrom<api::LinkIdentityRequest> for LinkRequest {
-    type Error = crate::error::Error;
+    type Error = Error;
 
     fn try_from(request: api::LinkIdentityRequest) -> Result<Self, Self::Error> {
         let api::LinkIdentityRequest {
             ory_identity_id,
             user_id,
             external_id,
+            external_ids,
         } = request;
         let mut violations = Vec::new();
         let identity = IdentityId::parse("ory_identity_id", &ory_identity_id)
@@ -189,21 +198,121 @@ impl TryFrom<api::LinkIdentityRequest> for LinkRequest {
                 .map_err(|v| violations.push(v))
                 .ok()
         };
-        let external_id = if external_id.is_empty() {
-            None
+        let mut ids: Vec<NamespacedId> = Vec::with_capacity(external_ids.len() + 1);
+        if !external_id.is_empty() {
+            match ExternalId::parse("external_id", &external_id) {
+                Ok(value) => ids.push(NamespacedId::new(Namespace::DEFAULT, value)),
+                Err(v) => violations.push(v),
+            }
+        }
+        // The default namespace's value given through the single-id field, if any.
+        let legacy = ids.first().map(|id| id.value.clone());
+        let mut named = std::collections::HashSet::new();
+        if external_ids.len() > MAX_LINK_EXTERNAL_IDS {
+            violations.push(FieldViolation {
+                field: "external_ids".into(),
+                description: format!(
+                    "at most {MAX_LINK_EXTERNAL_IDS} ids per call, got {}",
+                    external_ids.len()
+                ),
+            });
         } else {
-            ExternalId::parse("external_id", &external_id)
-                .map_err(|v| violations.push(v))
-                .ok()
-        };
+            for (i, id) in external_ids.iter().enumerate() {
+                let indexed = |v: FieldViolation, part: &str| FieldViolation {
+                    field: format!("external_ids[{i}].{part}").into(),
+                    description: v.description,
+                };
+                let namespace = Namespace::parse("namespace", &id.namespace)
+                    .map_err(|v| violations.push(indexed(v, "namespace")))
+                    .ok();
+                let value = ExternalId::parse("value", &id.value)
+                    .map_err(|v| violations.push(indexed(v, "value")))
+                    .ok();
+                let (Some(namespace), Some(value)) = (namespace, value) else {
+                    continue;
+                };
+                if !named.insert(namespace.clone()) {
+                    violations.push(FieldViolation {
+                        field: format!("external_ids[{i}].namespace").into(),
+                        description: format!(
+                            "names namespace {namespace:?} again; a user holds one value per namespace"
+                        ),
+                    });
+                    continue;
+                }
+                if namespace.is_default()
+                    && let Some(legacy) = &legacy
+                {
+                    if *legacy != value {
+                        violations.push(FieldViolation {
+                            field: format!("external_ids[{i}].value").into(),
+                            description:
+                                "differs from external_id, which sets the default namespace too"
+                                    .into(),
+                        });
+                    }
+                    continue;
+                }
+                ids.push(NamespacedId::new(namespace, value));
+            }
+        }
         match identity {
             Some(ory_identity_id) if violations.is_empty() => Ok(LinkRequest {
                 ory_identity_id,
                 user_id,
-                external_id,
+                external_ids: ids,
             }),
-            _ => Err(crate::error::Error::InvalidArgument(violations)),
+            _ => Err(Error::InvalidArgument(violations)),
         }
+    }
+}
+
+/// The most business ids one LinkIdentity sets.
+pub const MAX_LINK_EXTERNAL_IDS: usize = 100;
+
+/// A request's subject (`oneof subject`), or a violation naming the field.
+pub fn subject(
+    ory_identity_id: Option<&str>,
+    user_id: Option<&str>,
+) -> Result<Subject, FieldViolation> {
+    match (ory_identity_id, user_id) {
+        (Some(id), _) => IdentityId::parse("ory_identity_id", id).map(Subject::Identity),
+        (None, Some(id)) => UserId::parse("user_id", id).map(Subject::User),
+        (None, None) => Err(FieldViolation {
+            field: "subject".into(),
+            description: "set ory_identity_id or user_id".into(),
+        }),
+    }
+}
+
+/// Parses BatchGetByExternalIds's values, naming each bad one by its index.
+pub fn batch_values(values: &[String]) -> Result<Vec<ExternalId>, Error> {
+    use crate::service::MAX_BATCH_IDS;
+    if values.len() > MAX_BATCH_IDS {
+        return Err(FieldViolation {
+            field: "values".into(),
+            description: format!(
+                "at most {MAX_BATCH_IDS} values per call, got {}",
+                values.len()
+            ),
+        }
+        .into());
+    }
+    let mut parsed = Vec::with_capacity(values.len());
+    let mut violations = Vec::new();
+    for (i, value) in values.iter().enumerate() {
+        match ExternalId::parse("values", value) {
+            Ok(value) => parsed.push(value),
+            Err(v) => violations.push(FieldViolation {
+                field: format!("values[{i}]").into(),
+                description: v.description,
+            }),
+        }
+    }
+    if violations.is_empty() {
+        Ok(parsed)
+    } else {
+        Err(Error::InvalidArgument(violations))
     }
 }
 
@@ -231,12 +340,49 @@ mod tests {
             ory_identity_id: "nope".into(),
             user_id: "also-nope".into(),
             external_id: "bad\u{7}".into(),
+            external_ids: vec![api::ExternalId {
+                namespace: "CRM".into(),
+                value: String::new(),
+            }],
         })
         .unwrap_err();
-        let crate::error::Error::InvalidArgument(v) = err else {
+        let Error::InvalidArgument(v) = err else {
             panic!("wrong error")
         };
         let fields: Vec<_> = v.iter().map(|v| v.field.clone()).collect();
-        assert_eq!(fields, ["ory_identity_id", "user_id", "external_id"]);
+        assert_eq!(
+            fields,
+            [
+                "ory_identity_id",
+                "user_id",
+                "external_id",
+                "external_ids[0].namespace",
+                "external_ids[0].value"
+            ]
+        );
+    }
+
+    #[test]
+    fn link_request_takes_one_value_per_namespace() {
+        let id = "3f2504e0-4f89-11d3-9a0c-0305e82c3301".to_string();
+        let ext = |namespace: &str, value: &str| api::ExternalId {
+            namespace: namespace.into(),
+            value: value.into(),
+        };
+        let request = |external_id: &str, external_ids| api::LinkIdentityRequest {
+            ory_identity_id: id.clone(),
+            user_id: String::new(),
+            external_id: external_id.into(),
+            external_ids,
+        };
+        let ok = LinkRequest::try_from(request("a", vec![ext("", "a"), ext("crm", "c")])).unwrap();
+        assert_eq!(ok.external_ids.len(), 2);
+        for bad in [
+            request("a", vec![ext("", "b")]),
+            request("", vec![ext("crm", "1"), ext("crm", "2")]),
+            request("", vec![ext("", "1"), ext("", "1")]),
+        ] {
+            assert!(LinkRequest::try_from(bad).is_err());
+        }
     }
 }

@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::{deadline, status::to_status};
-use crate::domain::{Credential, ExternalId, FieldViolation, IdentityId, LinkRequest};
+use crate::domain::{Credential, ExternalId, FieldViolation, IdentityId, LinkRequest, Namespace};
 use crate::error::Error;
 use crate::proto::api::{self, identity_service_server::IdentityService};
 use crate::service::{IdentityMapper, InvalidateTarget};
@@ -85,14 +85,21 @@ impl IdentityService for IdentityApi {
         request: Request<api::GetByExternalIdRequest>,
     ) -> Result<Response<api::GetByExternalIdResponse>, Status> {
         let (metadata, _, message) = request.into_parts();
-        let api::GetByExternalIdRequest { external_id } = message;
+        let api::GetByExternalIdRequest {
+            external_id,
+            namespace,
+            include_former,
+        } = message;
         let work = async {
-            let external_id = ExternalId::parse("external_id", &external_id)?;
-            self.mapper.user_by_external_id(&external_id).await
+            let (namespace, value) = parse_pair(&namespace, "external_id", &external_id)?;
+            self.mapper
+                .user_by_external_id(&namespace, &value, include_former)
+                .await
         };
-        let user = deadline::within(&metadata, work).await.map_err(to_status)?;
+        let found = deadline::within(&metadata, work).await.map_err(to_status)?;
         Ok(Response::new(api::GetByExternalIdResponse {
-            user: Some(user.as_ref().into()),
+            user: Some(found.user.as_ref().into()),
+            former: found.former,
         }))
     }
 
@@ -159,5 +166,102 @@ impl IdentityService for IdentityApi {
         };
         deadline::within(&metadata, work).await.map_err(to_status)?;
         Ok(Response::new(api::InvalidateSessionResponse {}))
+    }
+
+    async fn set_external_id(
+        &self,
+        request: Request<api::SetExternalIdRequest>,
+    ) -> Result<Response<api::SetExternalIdResponse>, Status> {
+        use api::set_external_id_request::Subject as S;
+        let (metadata, _, message) = request.into_parts();
+        let api::SetExternalIdRequest {
+            subject,
+            namespace,
+            value,
+            replace,
+        } = message;
+        let work = async {
+            let subject = match &subject {
+                Some(S::OryIdentityId(id)) => convert::subject(Some(id), None),
+                Some(S::UserId(id)) => convert::subject(None, Some(id)),
+                None => convert::subject(None, None),
+            };
+            let (subject, pair) = both(subject, parse_pair(&namespace, "value", &value))?;
+            let (namespace, value) = pair;
+            self.mapper
+                .set_external_id(subject, &namespace, &value, replace)
+                .await
+        };
+        let user = deadline::within(&metadata, work).await.map_err(to_status)?;
+        Ok(Response::new(api::SetExternalIdResponse {
+            user: Some(user.as_ref().into()),
+        }))
+    }
+
+    async fn remove_external_id(
+        &self,
+        request: Request<api::RemoveExternalIdRequest>,
+    ) -> Result<Response<api::RemoveExternalIdResponse>, Status> {
+        use api::remove_external_id_request::Subject as S;
+        let (metadata, _, message) = request.into_parts();
+        let api::RemoveExternalIdRequest { subject, namespace } = message;
+        let work = async {
+            let subject = match &subject {
+                Some(S::OryIdentityId(id)) => convert::subject(Some(id), None),
+                Some(S::UserId(id)) => convert::subject(None, Some(id)),
+                None => convert::subject(None, None),
+            };
+            let namespace = Namespace::parse("namespace", &namespace).map_err(Error::from);
+            let (subject, namespace) = both(subject.map_err(Error::from), namespace)?;
+            self.mapper.remove_external_id(subject, &namespace).await
+        };
+        let user = deadline::within(&metadata, work).await.map_err(to_status)?;
+        Ok(Response::new(api::RemoveExternalIdResponse {
+            user: Some(user.as_ref().into()),
+        }))
+    }
+
+    async fn batch_get_by_external_ids(
+        &self,
+        request: Request<api::BatchGetByExternalIdsRequest>,
+    ) -> Result<Response<api::BatchGetByExternalIdsResponse>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        let api::BatchGetByExternalIdsRequest { namespace, values } = message;
+        let work = async {
+            let namespace = Namespace::parse("namespace", &namespace).map_err(Error::from);
+            let (namespace, values) = both(namespace, convert::batch_values(&values))?;
+            self.mapper.users_by_external_ids(&namespace, &values).await
+        };
+        let users = deadline::within(&metadata, work).await.map_err(to_status)?;
+        Ok(Response::new(api::BatchGetByExternalIdsResponse {
+            users: users.iter().map(|u| u.as_ref().into()).collect(),
+        }))
+    }
+}
+
+/// A namespace and a value from a request, every violation of both reported at once.
+fn parse_pair(
+    namespace: &str,
+    value_field: &'static str,
+    value: &str,
+) -> Result<(Namespace, ExternalId), Error> {
+    both(
+        Namespace::parse("namespace", namespace).map_err(Error::from),
+        ExternalId::parse(value_field, value).map_err(Error::from),
+    )
+}
+
+/// Both results, or one error holding every field violation of the two.
+fn both<A, B>(
+    a: Result<A, impl Into<Error>>,
+    b: Result<B, impl Into<Error>>,
+) -> Result<(A, B), Error> {
+    match (a.map_err(Into::into), b.map_err(Into::into)) {
+        (Ok(a), Ok(b)) => Ok((a, b)),
+        (Err(Error::InvalidArgument(mut x)), Err(Error::InvalidArgument(y))) => {
+            x.extend(y);
+            Err(Error::InvalidArgument(x))
+        }
+        (Err(e), _) | (_, Err(e)) => Err(e),
     }
 }

@@ -330,7 +330,7 @@ impl Jobs {
                 let request = LinkRequest {
                     ory_identity_id: identity.id,
                     user_id: None,
-                    external_id: None,
+                    external_ids: Vec::new(),
                 };
                 self.mapper
                     .link_seen_identity_in_run(request, identity, run)
@@ -390,7 +390,7 @@ mod tests {
         User {
             id: UserId::mint(),
             ory_identity_id: identity.id,
-            external_id: None,
+            external_ids: Vec::new(),
             schema_id: "customer".into(),
             created_at: chrono::Utc::now(),
             updated_at: chrono::Utc::now(),

@@ -17,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::Jobs;
 use super::walk::{PageRead, RetryPolicy, Stopped, WalkAgain, describe, is_outage, with_retry};
-use crate::domain::{Identity, IdentityId, User, UserId, UserState};
+use crate::domain::{
+    ExternalId, Identity, IdentityId, Namespace, Subject, User, UserId, UserState,
+};
 use crate::error::Error;
 use crate::ory::OryError;
 
@@ -74,6 +76,23 @@ pub enum Drift {
         identity: IdentityId,
         found: String,
     },
+    /// The user holds a value in the namespace mirrored to Ory, and the identity's `external_id`
+    /// is not set.
+    ExternalIdMissing {
+        user: UserId,
+        identity: IdentityId,
+        namespace: Namespace,
+        value: ExternalId,
+    },
+    /// The identity's `external_id` is not the user's value in the mirrored namespace (`ours` is
+    /// `None` when the user holds none there).
+    ExternalIdMismatch {
+        user: UserId,
+        identity: IdentityId,
+        namespace: Namespace,
+        ours: Option<ExternalId>,
+        ory: String,
+    },
 }
 
 /// The kinds of drift, in the order the summary lists them.
@@ -85,17 +104,21 @@ pub enum DriftKind {
     MetadataMissing,
     MetadataNotObject,
     MetadataElsewhere,
+    ExternalIdMissing,
+    ExternalIdMismatch,
 }
 
 impl DriftKind {
     /// Every kind, in the summary's order.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 8] = [
         Self::Deleted,
         Self::Inactive,
         Self::Reactivated,
         Self::MetadataMissing,
         Self::MetadataNotObject,
         Self::MetadataElsewhere,
+        Self::ExternalIdMissing,
+        Self::ExternalIdMismatch,
     ];
 
     /// The stable name the report lines and the summary use (README "Backfill and reconciliation").
@@ -107,6 +130,8 @@ impl DriftKind {
             Self::MetadataMissing => "metadata-missing",
             Self::MetadataNotObject => "metadata-not-object",
             Self::MetadataElsewhere => "metadata-elsewhere",
+            Self::ExternalIdMissing => "external-id-missing",
+            Self::ExternalIdMismatch => "external-id-mismatch",
         }
     }
 }
@@ -129,6 +154,8 @@ impl Drift {
             Self::MetadataMissing { .. } => DriftKind::MetadataMissing,
             Self::MetadataNotObject { .. } => DriftKind::MetadataNotObject,
             Self::MetadataElsewhere { .. } => DriftKind::MetadataElsewhere,
+            Self::ExternalIdMissing { .. } => DriftKind::ExternalIdMissing,
+            Self::ExternalIdMismatch { .. } => DriftKind::ExternalIdMismatch,
         }
     }
 
@@ -175,6 +202,39 @@ impl std::fmt::Display for Drift {
             } => write!(
                 f,
                 "{kind}: user {user} identity {identity}: metadata_public.id is {found:?}"
+            ),
+            Self::ExternalIdMissing {
+                user,
+                identity,
+                namespace,
+                value,
+            } => write!(
+                f,
+                "{kind}: user {user} identity {identity}: holds {:?} in namespace {namespace}, Ory's external_id is not set",
+                value.as_str()
+            ),
+            Self::ExternalIdMismatch {
+                user,
+                identity,
+                namespace,
+                ours: Some(ours),
+                ory,
+            } => write!(
+                f,
+                "{kind}: user {user} identity {identity}: holds {:?} in namespace {namespace}, Ory's external_id is {:?}",
+                ours.as_str(),
+                abbreviate(ory.clone())
+            ),
+            Self::ExternalIdMismatch {
+                user,
+                identity,
+                namespace,
+                ours: None,
+                ory,
+            } => write!(
+                f,
+                "{kind}: user {user} identity {identity}: holds nothing in namespace {namespace}, Ory's external_id is {:?}",
+                abbreviate(ory.clone())
             ),
         }
     }
@@ -478,7 +538,78 @@ impl Jobs {
             })
             .await?;
         }
+        if let Some(namespace) = &self.mapper.settings().ory_external_id_namespace {
+            self.compare_external_id(user, identity, namespace, options, observer, report)
+                .await?;
+        }
         Ok(())
+    }
+
+    /// Compares the user's value in the namespace mirrored to Ory with the identity's
+    /// `external_id`. idmap's value wins (the repair queues it for Ory); when the user holds none,
+    /// the repair adopts Ory's, unless another user holds it, which is reported, never overwritten.
+    async fn compare_external_id(
+        &self,
+        user: &User,
+        identity: &Identity,
+        namespace: &Namespace,
+        options: &ReconcileOptions,
+        observer: &dyn ReconcileObserver,
+        report: &mut ReconcileReport,
+    ) -> Result<(), Error> {
+        let ours = user.external_id(namespace);
+        let ory = identity.external_id.as_deref();
+        if ours.map(ExternalId::as_str) == ory {
+            return Ok(());
+        }
+        let queue_ours = || async {
+            self.store
+                .queue_external_id_sync(identity.id, user.id)
+                .await?;
+            self.outbox_wakeup.notify_one();
+            Ok(())
+        };
+        match (ours, ory) {
+            (Some(value), None) => {
+                let drift = Drift::ExternalIdMissing {
+                    user: user.id,
+                    identity: identity.id,
+                    namespace: namespace.clone(),
+                    value: value.clone(),
+                };
+                self.found(drift, options, observer, report, queue_ours)
+                    .await
+            }
+            (Some(value), Some(ory)) => {
+                let drift = Drift::ExternalIdMismatch {
+                    user: user.id,
+                    identity: identity.id,
+                    namespace: namespace.clone(),
+                    ours: Some(value.clone()),
+                    ory: ory.to_owned(),
+                };
+                self.found(drift, options, observer, report, queue_ours)
+                    .await
+            }
+            (None, Some(ory)) => {
+                let drift = Drift::ExternalIdMismatch {
+                    user: user.id,
+                    identity: identity.id,
+                    namespace: namespace.clone(),
+                    ours: None,
+                    ory: ory.to_owned(),
+                };
+                self.found(drift, options, observer, report, || async {
+                    let value = ExternalId::parse("external_id", ory)?;
+                    self.mapper
+                        .set_external_id(Subject::User(user.id), namespace, &value, false)
+                        .await
+                        .map(|_| ())
+                })
+                .await
+            }
+            (None, None) => Ok(()),
+        }
     }
 
     /// Counts and reports a drift, repairing it with `repair` under `--fix`. An outage during the

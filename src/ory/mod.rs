@@ -52,6 +52,15 @@ pub enum MetadataWrite {
     NotAnObject,
 }
 
+/// What making the identity's `external_id` match idmap's value did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExternalIdWrite {
+    /// Ory now holds the value (or, for `None`, none).
+    Written,
+    /// Ory held it already; nothing was sent.
+    AlreadySet,
+}
+
 /// One page of `GET /admin/identities`.
 #[derive(Debug, Clone)]
 pub struct IdentityPage {
@@ -219,6 +228,79 @@ impl KratosClient {
             // Kratos answers 200 with the identity; a proxy or another implementation may answer
             // 204. Either way the patch was applied.
             status if status.is_success() => Ok(MetadataWrite::Written),
+            StatusCode::NOT_FOUND => Err(OryError::NotFound),
+            StatusCode::CONFLICT => Err(OryError::Conflict),
+            _ => Err(unexpected(response).await),
+        }
+    }
+
+    /// Finds the identity whose `external_id` is `value`, with
+    /// `GET /admin/identities/by/external/{externalID}`; `None` when Ory has none.
+    #[tracing::instrument(name = "ory.get_identity_by_external_id", skip_all)]
+    pub async fn get_identity_by_external_id(
+        &self,
+        value: &str,
+    ) -> Result<Option<Identity>, OryError> {
+        let mut url = join(&self.admin_url, "admin/identities/by/external/")?;
+        // One path segment, percent-encoded: a value holding `/`, `?` or `#` must not change
+        // which resource is asked for.
+        url.path_segments_mut()
+            .map_err(|()| OryError::Protocol("the admin URL cannot take a path".into()))?
+            .pop_if_empty()
+            .push(value);
+        let response = self
+            .send_admin(
+                OryEndpoint::GetIdentityByExternalId,
+                self.admin(Method::GET, url),
+            )
+            .await?;
+        match response.status() {
+            StatusCode::OK => {
+                let dto: IdentityJson = read_json(response).await?;
+                let identity = dto
+                    .into_identity()
+                    .map_err(|e| OryError::Protocol(e.to_string()))?;
+                // A proxy or cache answering for another value must not link the wrong identity.
+                if identity.external_id.as_deref() != Some(value) {
+                    return Err(OryError::Protocol(
+                        "Ory answered the external id lookup with an identity that does not hold it"
+                            .into(),
+                    ));
+                }
+                Ok(Some(identity))
+            }
+            StatusCode::NOT_FOUND => Ok(None),
+            _ => Err(unexpected(response).await),
+        }
+    }
+
+    /// Makes the identity's `external_id` hold `value`, or clears it for `None` (Kratos stores `""`
+    /// as no value). Reads first, so a value already in place sends nothing. Ory's 409 (another
+    /// identity holds that `external_id`) is [`OryError::Conflict`].
+    #[tracing::instrument(name = "ory.set_external_id", skip_all, fields(identity = %id))]
+    pub async fn set_external_id(
+        &self,
+        id: IdentityId,
+        value: Option<&str>,
+    ) -> Result<ExternalIdWrite, OryError> {
+        let identity = self.get_identity(id).await?;
+        if identity.external_id.as_deref() == value {
+            return Ok(ExternalIdWrite::AlreadySet);
+        }
+        let op = PatchOp {
+            op: "replace",
+            path: "/external_id",
+            value: Some(Value::String(value.unwrap_or_default().to_owned())),
+        };
+        let url = join(&self.admin_url, &format!("admin/identities/{id}"))?;
+        let response = self
+            .send_admin(
+                OryEndpoint::PatchIdentity,
+                self.admin(Method::PATCH, url).json(&[op]),
+            )
+            .await?;
+        match response.status() {
+            status if status.is_success() => Ok(ExternalIdWrite::Written),
             StatusCode::NOT_FOUND => Err(OryError::NotFound),
             StatusCode::CONFLICT => Err(OryError::Conflict),
             _ => Err(unexpected(response).await),

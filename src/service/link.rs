@@ -1,5 +1,8 @@
 use super::IdentityMapper;
-use crate::domain::{Identity, LinkConflict, LinkOutcome, LinkRequest, UserId, UserState};
+use crate::domain::{
+    Adoption, ExternalId, Identity, LinkConflict, LinkOutcome, LinkRequest, NamespacedId, UserId,
+    UserState,
+};
 use crate::error::{Error, reason};
 use crate::ory::OryError;
 use crate::store::{LinkFacts, LinkResult};
@@ -32,6 +35,9 @@ impl IdentityMapper {
     /// LinkIdentity: checks that Ory knows the identity, then stores the link and queues the
     /// `metadata_public.id` write in one transaction. Nothing is stored when Ory cannot be asked.
     pub async fn link(&self, request: LinkRequest) -> Result<LinkOutcome, Error> {
+        for id in &request.external_ids {
+            self.check_fits_ory("external_ids", id)?;
+        }
         let identity = self
             .ory
             .get_identity(request.ory_identity_id)
@@ -77,11 +83,22 @@ impl IdentityMapper {
         if adopt {
             request.user_id = recorded;
         }
+        let mirrored = self.settings.ory_external_id_namespace.as_ref();
+        // Ory's `external_id` is offered for adoption into the mirrored namespace. Kratos accepts
+        // any string there; one idmap could not store is left out, and reconcile reports it.
+        let ory_external_id = match (mirrored, identity.external_id.as_deref()) {
+            (Some(namespace), Some(value)) => ExternalId::parse("external_id", value)
+                .map(|value| NamespacedId::new(namespace.clone(), value))
+                .ok(),
+            _ => None,
+        };
         let facts = LinkFacts {
             schema_id: &identity.schema_id,
             state: UserState::of_identity(&identity.state),
             ory_has: identity.metadata_user_id(),
             backfill_run: run,
+            mirrored,
+            ory_external_id: ory_external_id.as_ref(),
         };
         let ory_has = facts.ory_has;
         let mut result = self
@@ -103,8 +120,20 @@ impl IdentityMapper {
         }
         match result {
             LinkResult::Linked(outcome) => {
-                if ory_has != Some(outcome.user.id.to_string().as_str()) {
+                // A queued Ory write (the metadata id, or a value given in the mirrored
+                // namespace) is delivered at once rather than at the next poll.
+                if ory_has != Some(outcome.user.id.to_string().as_str())
+                    || (mirrored.is_some() && !request.external_ids.is_empty())
+                {
                     self.outbox_wakeup.notify_one();
+                }
+                if let Some(Adoption::TakenBy { user_id, .. }) = &outcome.adoption {
+                    tracing::warn!(
+                        identity = %identity.id,
+                        user = %outcome.user.id,
+                        holder = %user_id,
+                        "the identity's Ory external_id is held by another user in the mirrored namespace; not adopted"
+                    );
                 }
                 self.user_written(&outcome.user).await;
                 tracing::info!(
@@ -142,31 +171,57 @@ fn conflict_error(request: &LinkRequest, conflict: &LinkConflict) -> Error {
                 ("ory_identity_id", ory_identity_id.to_string()),
             ],
         },
-        LinkConflict::ExternalIdTaken { user_id } => {
-            let mut metadata = vec![(
-                "external_id",
-                request
-                    .external_id
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
-            )];
+        other => external_id_conflict(other, Some(&identity)),
+    }
+}
+
+/// The error of a business-id conflict; `identity` names the subject's identity when known.
+pub(super) fn external_id_conflict(conflict: &LinkConflict, identity: Option<&str>) -> Error {
+    match conflict {
+        LinkConflict::ExternalIdTaken {
+            namespace,
+            value,
+            user_id,
+        } => {
+            let mut metadata = vec![
+                ("namespace", namespace.to_string()),
+                ("external_id", value.to_string()),
+            ];
             if let Some(user_id) = user_id {
                 metadata.push(("user_id", user_id.to_string()));
             }
             Error::AlreadyExists {
                 reason: reason::EXTERNAL_ID_TAKEN,
-                message: "another user holds that external id".into(),
+                message: if namespace.is_default() {
+                    "another user holds that external id".into()
+                } else {
+                    format!("another user holds that external id in namespace {namespace}")
+                },
                 metadata,
             }
         }
-        LinkConflict::ExternalIdAlreadySet { external_id } => Error::AlreadyExists {
-            reason: reason::EXTERNAL_ID_ALREADY_SET,
-            message: "the identity's user already has a different external id".into(),
-            metadata: vec![
-                ("ory_identity_id", identity),
-                ("external_id", external_id.to_string()),
-            ],
-        },
+        LinkConflict::ExternalIdAlreadySet {
+            namespace,
+            external_id,
+        } => {
+            let mut metadata = Vec::new();
+            if let Some(identity) = identity {
+                metadata.push(("ory_identity_id", identity.to_owned()));
+            }
+            metadata.push(("namespace", namespace.to_string()));
+            metadata.push(("external_id", external_id.to_string()));
+            Error::AlreadyExists {
+                reason: reason::EXTERNAL_ID_ALREADY_SET,
+                message: if namespace.is_default() {
+                    "the user already has a different external id".into()
+                } else {
+                    format!("the user already has a different external id in namespace {namespace}")
+                },
+                metadata,
+            }
+        }
+        LinkConflict::IdentityLinked { .. } | LinkConflict::UserLinked { .. } => {
+            Error::Internal(format!("not a business-id conflict: {conflict:?}"))
+        }
     }
 }

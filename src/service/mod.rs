@@ -1,6 +1,7 @@
 //! The use cases the gRPC layer calls: resolve a session, look a user up, link an identity. They
 //! orchestrate the store and Ory and own the decisions; they know nothing of protobuf, SQL or HTTP.
 
+mod external_ids;
 mod invalidate;
 mod link;
 mod lookup;
@@ -18,9 +19,10 @@ use crate::domain::User;
 use crate::ory::KratosClient;
 use crate::store::Store;
 
+pub use external_ids::MAX_ORY_EXTERNAL_ID_CHARS;
 pub use invalidate::InvalidateTarget;
 pub use link::LinkError;
-pub use lookup::MAX_BATCH_IDS;
+pub use lookup::{Found, MAX_BATCH_IDS};
 pub use registration::Reservation;
 pub use resolve::Resolved;
 

@@ -59,7 +59,7 @@ impl IdentityMapper {
         let request = LinkRequest {
             ory_identity_id: identity.id,
             user_id: None,
-            external_id: None,
+            external_ids: Vec::new(),
         };
         match self.link_seen_identity(request, identity).await {
             // The identity is linked to another user than its metadata_public.id names (drift that
@@ -88,6 +88,7 @@ impl IdentityMapper {
                 Ok(LinkOutcome {
                     user,
                     created: false,
+                    adoption: None,
                 })
             }
             other => Ok(other?),

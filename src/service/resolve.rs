@@ -55,7 +55,7 @@ impl IdentityMapper {
                 let request = LinkRequest {
                     ory_identity_id: whoami.identity.id,
                     user_id: None,
-                    external_id: None,
+                    external_ids: Vec::new(),
                 };
                 // Boxed: the link's future is large, and only first sightings pay for it.
                 match Box::pin(self.link_seen_identity(request, &whoami.identity)).await {

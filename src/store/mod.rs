@@ -7,6 +7,7 @@
 
 mod backfill_runs;
 mod connect;
+mod external_ids;
 mod listen;
 pub mod migrate;
 mod models;
@@ -31,6 +32,7 @@ pub use crate::config::PoolOptions;
 
 pub use backfill_runs::{BackfillCounts, BackfillRun, RunProgress};
 pub use connect::{Database, DatabaseUrlError, SslMode};
+pub use external_ids::{ChangeResult, IdChange};
 pub use listen::Notifications;
 pub use ory_outbox::{OutboxKind, OutboxRow};
 pub use session_cache::{SharedLookup, SharedSession, SharedTarget};

@@ -3,7 +3,7 @@ use diesel::prelude::*;
 use uuid::Uuid;
 
 use super::schema::{user_external_ids, users};
-use crate::domain::{ExternalId, IdentityId, User, UserId, UserState};
+use crate::domain::{ExternalId, IdentityId, Namespace, NamespacedId, User, UserId, UserState};
 
 #[derive(Debug, Queryable, Selectable)]
 #[diesel(table_name = users, check_for_backend(diesel::pg::Pg))]
@@ -17,11 +17,22 @@ pub(super) struct UserRow {
 }
 
 impl UserRow {
-    pub fn into_domain(self, external_id: Option<String>) -> User {
+    /// The user, with its business ids as two parallel arrays ordered by namespace (see
+    /// `users::ExternalIdNamespaces`).
+    pub fn into_domain(self, namespaces: Vec<String>, values: Vec<String>) -> User {
         User {
             id: UserId::from_uuid(self.id),
             ory_identity_id: IdentityId::from_uuid(self.ory_identity_id),
-            external_id: external_id.map(ExternalId::from_trusted),
+            external_ids: namespaces
+                .into_iter()
+                .zip(values)
+                .map(|(namespace, value)| {
+                    NamespacedId::new(
+                        Namespace::from_trusted(namespace),
+                        ExternalId::from_trusted(value),
+                    )
+                })
+                .collect(),
             schema_id: self.schema_id,
             created_at: self.created_at,
             updated_at: self.updated_at,

@@ -13,18 +13,23 @@ use crate::domain::{IdentityId, UserId};
 pub enum OutboxKind {
     /// Write the internal user id to the identity's `metadata_public.id`.
     SetMetadataPublicId,
+    /// Make the identity's `external_id` what the user holds in the mirrored namespace now (or
+    /// clear it when the user holds nothing there).
+    SyncExternalId,
 }
 
 impl OutboxKind {
     fn as_str(self) -> &'static str {
         match self {
             Self::SetMetadataPublicId => "set_metadata_public_id",
+            Self::SyncExternalId => "sync_external_id",
         }
     }
 
     fn parse(value: &str) -> Option<Self> {
         match value {
             "set_metadata_public_id" => Some(Self::SetMetadataPublicId),
+            "sync_external_id" => Some(Self::SyncExternalId),
             _ => None,
         }
     }
@@ -41,6 +46,8 @@ pub struct OutboxRow {
     pub user_id: UserId,
     /// Attempts so far, this one included.
     pub attempts: i32,
+    /// The row's revision when claimed: a change queued since bumps it.
+    pub revision: i64,
 }
 
 #[derive(QueryableByName)]
@@ -55,6 +62,8 @@ struct ClaimedRow {
     user_id: Uuid,
     #[diesel(sql_type = Integer)]
     attempts: i32,
+    #[diesel(sql_type = BigInt)]
+    revision: i64,
 }
 
 #[derive(QueryableByName)]
@@ -63,7 +72,9 @@ struct Seconds {
     seconds: Option<f64>,
 }
 
-/// Queues a write; a pending write of the same kind for the identity absorbs it.
+/// Queues a write; a pending write of the same kind for the identity absorbs it, and its revision is
+/// bumped, so a worker delivering it at this moment (with what the store held before this change)
+/// delivers it again instead of removing it.
 pub(super) async fn enqueue(
     conn: &mut AsyncPgConnection,
     kind: OutboxKind,
@@ -72,7 +83,8 @@ pub(super) async fn enqueue(
 ) -> QueryResult<()> {
     diesel::sql_query(
         "INSERT INTO ory_outbox (kind, ory_identity_id, user_id) VALUES ($1, $2, $3) \
-         ON CONFLICT (kind, ory_identity_id) WHERE failed_at IS NULL DO NOTHING",
+         ON CONFLICT (kind, ory_identity_id) WHERE failed_at IS NULL \
+         DO UPDATE SET revision = ory_outbox.revision + 1, user_id = EXCLUDED.user_id",
     )
     .bind::<Text, _>(kind.as_str())
     .bind::<SqlUuid, _>(identity.as_uuid())
@@ -101,7 +113,7 @@ impl Store {
              WHERE id IN (SELECT id FROM ory_outbox \
                  WHERE failed_at IS NULL AND next_attempt_at <= now() \
                  ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED) \
-             RETURNING id, kind, ory_identity_id, user_id, attempts",
+             RETURNING id, kind, ory_identity_id, user_id, attempts, revision",
         )
         .bind::<BigInt, _>(limit)
         .bind::<Double, _>(secs(lease))
@@ -117,19 +129,34 @@ impl Store {
                 ory_identity_id: IdentityId::from_uuid(r.ory_identity_id),
                 user_id: UserId::from_uuid(r.user_id),
                 attempts: r.attempts,
+                revision: r.revision,
             })
             .collect())
     }
 
-    /// Removes a delivered row.
-    pub async fn complete_outbox(&self, id: i64) -> Result<(), StoreError> {
+    /// Removes a delivered row, unless a change was queued onto it since it was claimed at
+    /// `revision`: then it is made due again at once, so the newer state is delivered too.
+    /// Returns whether the row was removed.
+    pub async fn complete_outbox(&self, id: i64, revision: i64) -> Result<bool, StoreError> {
         let mut conn = self.conn().await?;
-        diesel::sql_query("DELETE FROM ory_outbox WHERE id = $1")
+        let removed = diesel::sql_query("DELETE FROM ory_outbox WHERE id = $1 AND revision = $2")
             .bind::<BigInt, _>(id)
+            .bind::<BigInt, _>(revision)
             .execute(&mut conn)
             .await
-            .map(|_| ())
-            .map_err(StoreError::classify)
+            .map_err(StoreError::classify)?;
+        if removed == 1 {
+            return Ok(true);
+        }
+        diesel::sql_query(
+            "UPDATE ory_outbox SET next_attempt_at = now(), attempts = 0, last_error = NULL \
+             WHERE id = $1 AND failed_at IS NULL",
+        )
+        .bind::<BigInt, _>(id)
+        .execute(&mut conn)
+        .await
+        .map_err(StoreError::classify)?;
+        Ok(false)
     }
 
     /// Schedules another attempt after `delay`, recording why this one failed.

@@ -38,6 +38,16 @@ diesel::table! {
         last_error -> Nullable<Text>,
         failed_at -> Nullable<Timestamptz>,
         created_at -> Timestamptz,
+        revision -> Int8,
+    }
+}
+
+diesel::table! {
+    former_external_ids (namespace, external_id) {
+        namespace -> Text,
+        external_id -> Text,
+        user_id -> Uuid,
+        released_at -> Timestamptz,
     }
 }
 
@@ -90,10 +100,12 @@ diesel::table! {
 
 diesel::joinable!(backfill_run_identities -> backfill_runs (run_id));
 diesel::joinable!(user_external_ids -> users (user_id));
+diesel::joinable!(former_external_ids -> users (user_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     backfill_run_identities,
     backfill_runs,
+    former_external_ids,
     ory_outbox,
     pending_users,
     session_cache,

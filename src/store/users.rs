@@ -3,14 +3,12 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 use super::models::{NewExternalIdRow, NewUserRow, UserRow};
 use super::ory_outbox::{self as outbox, OutboxKind};
-use super::schema::{pending_users, user_external_ids, users};
+use super::schema::{former_external_ids, pending_users, user_external_ids, users};
 use super::{Store, StoreError};
 use crate::domain::{
-    ExternalId, IdentityId, LinkConflict, LinkOutcome, LinkRequest, User, UserId, UserState,
+    Adoption, ExternalId, IdentityId, LinkConflict, LinkOutcome, LinkRequest, Namespace,
+    NamespacedId, User, UserId, UserState,
 };
-
-/// Today every external id lives in the default namespace; the column leaves room for more.
-const DEFAULT_NAMESPACE: &str = "";
 
 /// How many times a link is retried after losing a race to a concurrent link of the same identity.
 const LINK_ATTEMPTS: usize = 3;
@@ -28,6 +26,12 @@ pub struct LinkFacts<'a> {
     /// The backfill run linking, if one is: a user it creates is marked as the run's in the same
     /// transaction, so the run counts it as created even if it must do the page again.
     pub backfill_run: Option<i64>,
+    /// The namespace kept in step with Ory's `external_id` (`IDMAP_ORY_EXTERNAL_ID_NAMESPACE`): a
+    /// value the link gives the user there is queued for Ory unless Ory holds it already.
+    pub mirrored: Option<&'a Namespace>,
+    /// The identity's Ory `external_id`, in the mirrored namespace: adopted when the user holds no
+    /// value there.
+    pub ory_external_id: Option<&'a NamespacedId>,
 }
 
 /// The outcome of [`Store::link`].
@@ -39,7 +43,7 @@ pub enum LinkResult {
 
 /// Errors inside the link transaction: anything but `Store` rolls back and is then reported.
 #[derive(Debug)]
-enum TxError {
+pub(super) enum TxError {
     Store(StoreError),
     Conflict(LinkConflict),
     /// A concurrent link of the same identity committed first; start over to see it.
@@ -52,22 +56,60 @@ impl From<diesel::result::Error> for TxError {
     }
 }
 
-type UserWithExternalId = (UserRow, Option<String>);
+/// A user row with its business ids, as [`ExternalIdNamespaces`] and [`ExternalIdValues`] give them.
+pub(super) type UserWithIds = (UserRow, Vec<String>, Vec<String>);
 
-/// Users with their default-namespace external id. A macro, because the query's type is unnameable.
+/// One column of a user's business ids as an array ordered by namespace, from a correlated subquery
+/// on `user_external_ids`'s `(user_id, namespace)` index: a user and every id it holds in one round
+/// trip and one row. Hand-written because diesel has no `ARRAY(subquery)`, and its SQL literals
+/// opt the whole statement out of the prepared-statement cache, which would cost every lookup a
+/// round trip; these carry a static query id, so the statement is prepared once per connection.
+/// One type per column: the cache tells statements apart by type.
+macro_rules! external_id_array {
+    ($name:ident, $column:literal) => {
+        #[derive(Debug, Clone, Copy, diesel::query_builder::QueryId)]
+        pub(super) struct $name;
+
+        impl diesel::expression::Expression for $name {
+            type SqlType = diesel::sql_types::Array<diesel::sql_types::Text>;
+        }
+
+        impl<QS> diesel::expression::AppearsOnTable<QS> for $name {}
+
+        impl<QS> diesel::expression::SelectableExpression<QS> for $name {}
+
+        impl diesel::expression::ValidGrouping<()> for $name {
+            type IsAggregate = diesel::expression::is_aggregate::Never;
+        }
+
+        impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for $name {
+            fn walk_ast<'b>(
+                &'b self,
+                mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+            ) -> QueryResult<()> {
+                out.push_sql(concat!(
+                    "ARRAY(SELECT e.",
+                    $column,
+                    " FROM user_external_ids e WHERE e.user_id = users.id ORDER BY e.namespace)"
+                ));
+                Ok(())
+            }
+        }
+    };
+}
+
+external_id_array!(ExternalIdNamespaces, "namespace");
+external_id_array!(ExternalIdValues, "external_id");
+
+/// Users with all their business ids. A macro, because the query's type is unnameable.
 macro_rules! select_users {
     () => {
-        users::table
-            .left_join(
-                user_external_ids::table.on(user_external_ids::user_id
-                    .eq(users::id)
-                    .and(user_external_ids::namespace.eq(DEFAULT_NAMESPACE))),
-            )
-            .select((
-                UserRow::as_select(),
-                user_external_ids::external_id.nullable(),
-            ))
+        users::table.select((UserRow::as_select(), ExternalIdNamespaces, ExternalIdValues))
     };
+}
+
+pub(super) fn into_user((row, namespaces, values): UserWithIds) -> User {
+    row.into_domain(namespaces, values)
 }
 
 impl Store {
@@ -78,12 +120,12 @@ impl Store {
             .lookup(|conn| async move {
                 select_users!()
                     .filter(users::ory_identity_id.eq(id.as_uuid()))
-                    .first::<UserWithExternalId>(&mut &**conn)
+                    .first::<UserWithIds>(&mut &**conn)
                     .await
                     .optional()
             })
             .await?;
-        Ok(row.map(|(user, ext)| user.into_domain(ext)))
+        Ok(row.map(into_user))
     }
 
     /// The users linked to any of `ids`, in one query (two with a read replica that lacks some).
@@ -93,65 +135,57 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut uuids: Vec<uuid::Uuid> = ids.iter().map(IdentityId::as_uuid).collect();
-        let mut rows: Vec<UserWithExternalId> = Vec::new();
+        let mut rows: Vec<UserWithIds> = Vec::new();
         if let Some(replica) = self.replica_conn().await {
             let found = match replica {
                 Ok(mut conn) => select_users!()
                     .filter(users::ory_identity_id.eq_any(&uuids))
-                    .load::<UserWithExternalId>(&mut conn)
+                    .load::<UserWithIds>(&mut conn)
                     .await
                     .map_err(StoreError::classify),
                 Err(e) => Err(e),
             };
             match found {
                 Ok(found) => {
-                    uuids.retain(|id| !found.iter().any(|(u, _)| u.ory_identity_id == *id));
+                    uuids.retain(|id| !found.iter().any(|(u, _, _)| u.ory_identity_id == *id));
                     rows = found;
                 }
                 Err(e) => tracing::debug!(error = %e, "read replica failed; asking the primary"),
             }
             if uuids.is_empty() {
-                return Ok(rows
-                    .into_iter()
-                    .map(|(u, ext)| u.into_domain(ext))
-                    .collect());
+                return Ok(rows.into_iter().map(into_user).collect());
             }
         }
         let mut conn = self.conn().await?;
-        let primary: Vec<UserWithExternalId> = select_users!()
+        let primary: Vec<UserWithIds> = select_users!()
             .filter(users::ory_identity_id.eq_any(uuids))
             .load(&mut conn)
             .await
             .map_err(StoreError::classify)?;
         rows.extend(primary);
-        Ok(rows
-            .into_iter()
-            .map(|(user, ext)| user.into_domain(ext))
-            .collect())
+        Ok(rows.into_iter().map(into_user).collect())
     }
 
-    /// The user holding an external id.
+    /// The user holding `value` in `namespace`.
     #[tracing::instrument(name = "db.query", skip_all, fields(db.system = "postgresql", db.operation = "select users by external id"))]
     pub async fn user_by_external_id(
         &self,
-        external_id: &ExternalId,
+        namespace: &Namespace,
+        value: &ExternalId,
     ) -> Result<Option<User>, StoreError> {
         let row = self
             .lookup(|conn| async move {
                 users::table
                     .inner_join(user_external_ids::table)
-                    .filter(user_external_ids::namespace.eq(DEFAULT_NAMESPACE))
-                    .filter(user_external_ids::external_id.eq(external_id.as_str()))
-                    .select((
-                        UserRow::as_select(),
-                        user_external_ids::external_id.nullable(),
-                    ))
-                    .first::<UserWithExternalId>(&mut &**conn)
+                    .filter(user_external_ids::namespace.eq(namespace.as_str()))
+                    .filter(user_external_ids::external_id.eq(value.as_str()))
+                    .select((UserRow::as_select(), ExternalIdNamespaces, ExternalIdValues))
+                    .first::<UserWithIds>(&mut &**conn)
                     .await
                     .optional()
             })
             .await?;
-        Ok(row.map(|(user, ext)| user.into_domain(ext)))
+        Ok(row.map(into_user))
     }
 
     /// Sets the stored schema id of the identity's user, if it has one and it differs. Returns the
@@ -211,16 +245,16 @@ impl Store {
     }
 }
 
-async fn find_by_identity(
+pub(super) async fn find_by_identity(
     conn: &mut AsyncPgConnection,
     id: IdentityId,
 ) -> QueryResult<Option<User>> {
-    let row: Option<UserWithExternalId> = select_users!()
+    let row: Option<UserWithIds> = select_users!()
         .filter(users::ory_identity_id.eq(id.as_uuid()))
         .first(conn)
         .await
         .optional()?;
-    Ok(row.map(|(user, ext)| user.into_domain(ext)))
+    Ok(row.map(into_user))
 }
 
 async fn link_in_tx(
@@ -230,8 +264,6 @@ async fn link_in_tx(
 ) -> Result<LinkOutcome, TxError> {
     let identity = request.ory_identity_id;
     // Lock the identity's user row so concurrent links of one identity run one after the other.
-    // (PostgreSQL cannot lock the nullable side of an outer join, so the user row is locked on its
-    // own and its external id read after.)
     let existing: Option<UserRow> = users::table
         .filter(users::ory_identity_id.eq(identity.as_uuid()))
         .select(UserRow::as_select())
@@ -243,17 +275,42 @@ async fn link_in_tx(
         Some(row) => (relink(conn, row, request, facts.schema_id).await?, false),
         None => (link_new_user(conn, request, facts).await?, true),
     };
+    let ory_external_id = facts.ory_external_id.map(|id| &id.value);
+    let mut changed = false;
+    let mut sync_external_id = false;
+    for id in &request.external_ids {
+        if let Given::Inserted { .. } = give(conn, user_id, id, false).await? {
+            changed = true;
+            sync_external_id |=
+                facts.mirrored == Some(&id.namespace) && ory_external_id != Some(&id.value);
+        }
+    }
+    let adoption = match facts.ory_external_id {
+        Some(offered) => adopt(conn, user_id, offered).await?,
+        None => None,
+    };
+    changed |= matches!(adoption, Some(Adoption::Adopted(_)));
+    if changed && !created {
+        touch(conn, user_id).await?;
+    }
     if facts.ory_has != Some(user_id.to_string().as_str()) {
         outbox::enqueue(conn, OutboxKind::SetMetadataPublicId, identity, user_id).await?;
+    }
+    if sync_external_id {
+        outbox::enqueue(conn, OutboxKind::SyncExternalId, identity, user_id).await?;
     }
     let user = find_by_identity(conn, identity)
         .await?
         .ok_or(TxError::LostRace)?;
-    Ok(LinkOutcome { user, created })
+    Ok(LinkOutcome {
+        user,
+        created,
+        adoption,
+    })
 }
 
-/// A link of an identity that has a user (`row`, locked): checks the request against it, adds
-/// the external id if the user has none, and keeps the schema id current.
+/// A link of an identity that has a user (`row`, locked): checks the request against it and keeps
+/// the schema id current.
 async fn relink(
     conn: &mut AsyncPgConnection,
     row: UserRow,
@@ -266,29 +323,7 @@ async fn relink(
     {
         return Err(TxError::Conflict(LinkConflict::IdentityLinked { user_id }));
     }
-    let mut changed = false;
-    if let Some(wanted) = &request.external_id {
-        let current: Option<String> = user_external_ids::table
-            .filter(user_external_ids::user_id.eq(row.id))
-            .filter(user_external_ids::namespace.eq(DEFAULT_NAMESPACE))
-            .select(user_external_ids::external_id)
-            .first(conn)
-            .await
-            .optional()?;
-        match current {
-            Some(current) if current == wanted.as_str() => {}
-            Some(current) => {
-                return Err(TxError::Conflict(LinkConflict::ExternalIdAlreadySet {
-                    external_id: ExternalId::from_trusted(current),
-                }));
-            }
-            None => {
-                insert_external_id(conn, user_id, wanted).await?;
-                changed = true;
-            }
-        }
-    }
-    if row.schema_id != schema_id || changed {
+    if row.schema_id != schema_id {
         diesel::update(users::table.find(row.id))
             .set((
                 users::schema_id.eq(schema_id),
@@ -301,7 +336,7 @@ async fn relink(
 }
 
 /// The first link of an identity: inserts its user (the requested id, or a new one), claiming a
-/// pending user of that id, with the external id asked for.
+/// pending user of that id.
 async fn link_new_user(
     conn: &mut AsyncPgConnection,
     request: &LinkRequest,
@@ -342,41 +377,168 @@ async fn link_new_user(
     diesel::delete(pending_users::table.find(user_id.as_uuid()))
         .execute(conn)
         .await?;
-    if let Some(external_id) = &request.external_id {
-        insert_external_id(conn, user_id, external_id).await?;
-    }
     if let Some(run) = facts.backfill_run {
         super::backfill_runs::mark_created(conn, run, identity).await?;
     }
     Ok(user_id)
 }
 
-async fn insert_external_id(
+/// What [`give`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Given {
+    /// The user held that value already.
+    Unchanged,
+    /// The user holds it now; `replaced` is the value it gave up for it.
+    Inserted { replaced: Option<ExternalId> },
+}
+
+/// Gives `user` (whose row the caller has locked) the value `id` in its namespace. A different value
+/// held there is an [`LinkConflict::ExternalIdAlreadySet`] conflict unless `replace`, which keeps it
+/// as a former value; a value another user holds is [`LinkConflict::ExternalIdTaken`].
+pub(super) async fn give(
     conn: &mut AsyncPgConnection,
-    user_id: UserId,
-    external_id: &ExternalId,
-) -> Result<(), TxError> {
-    let inserted = diesel::insert_into(user_external_ids::table)
-        .values(NewExternalIdRow {
-            namespace: DEFAULT_NAMESPACE,
-            external_id: external_id.as_str(),
-            user_id: user_id.as_uuid(),
-        })
-        .on_conflict_do_nothing()
-        .execute(conn)
-        .await?;
-    if inserted == 1 {
-        return Ok(());
+    user: UserId,
+    id: &NamespacedId,
+    replace: bool,
+) -> Result<Given, TxError> {
+    let current = current_value(conn, user, &id.namespace).await?;
+    let replaced = match current {
+        Some(current) if current == id.value.as_str() => return Ok(Given::Unchanged),
+        Some(current) if !replace => {
+            return Err(TxError::Conflict(LinkConflict::ExternalIdAlreadySet {
+                namespace: id.namespace.clone(),
+                external_id: ExternalId::from_trusted(current),
+            }));
+        }
+        Some(current) => {
+            let current = ExternalId::from_trusted(current);
+            release(conn, user, &id.namespace).await?;
+            Some(current)
+        }
+        None => None,
+    };
+    if insert_value(conn, user, id).await? {
+        return Ok(Given::Inserted { replaced });
     }
     let holder: Option<uuid::Uuid> = user_external_ids::table
-        .find((DEFAULT_NAMESPACE, external_id.as_str()))
+        .find((id.namespace.as_str(), id.value.as_str()))
         .select(user_external_ids::user_id)
         .first(conn)
         .await
         .optional()?;
     Err(TxError::Conflict(LinkConflict::ExternalIdTaken {
+        namespace: id.namespace.clone(),
+        value: id.value.clone(),
         user_id: holder.map(UserId::from_uuid),
     }))
+}
+
+/// Adopts the identity's Ory `external_id` (`offered`, in the mirrored namespace) when the user
+/// holds no value there. A value another user holds is reported, never taken from it.
+async fn adopt(
+    conn: &mut AsyncPgConnection,
+    user: UserId,
+    offered: &NamespacedId,
+) -> Result<Option<Adoption>, TxError> {
+    if current_value(conn, user, &offered.namespace)
+        .await?
+        .is_some()
+    {
+        return Ok(None);
+    }
+    if insert_value(conn, user, offered).await? {
+        return Ok(Some(Adoption::Adopted(offered.value.clone())));
+    }
+    let holder: Option<uuid::Uuid> = user_external_ids::table
+        .find((offered.namespace.as_str(), offered.value.as_str()))
+        .select(user_external_ids::user_id)
+        .first(conn)
+        .await
+        .optional()?;
+    Ok(holder.map(|holder| Adoption::TakenBy {
+        value: offered.value.clone(),
+        user_id: UserId::from_uuid(holder),
+    }))
+}
+
+/// The user's value in `namespace`.
+pub(super) async fn current_value(
+    conn: &mut AsyncPgConnection,
+    user: UserId,
+    namespace: &Namespace,
+) -> QueryResult<Option<String>> {
+    user_external_ids::table
+        .filter(user_external_ids::user_id.eq(user.as_uuid()))
+        .filter(user_external_ids::namespace.eq(namespace.as_str()))
+        .select(user_external_ids::external_id)
+        .first(conn)
+        .await
+        .optional()
+}
+
+/// Inserts the value unless another row holds it; whether it was inserted.
+async fn insert_value(
+    conn: &mut AsyncPgConnection,
+    user: UserId,
+    id: &NamespacedId,
+) -> QueryResult<bool> {
+    let inserted = diesel::insert_into(user_external_ids::table)
+        .values(NewExternalIdRow {
+            namespace: id.namespace.as_str(),
+            external_id: id.value.as_str(),
+            user_id: user.as_uuid(),
+        })
+        .on_conflict_do_nothing()
+        .execute(conn)
+        .await?;
+    Ok(inserted == 1)
+}
+
+/// Removes the user's value in `namespace`, keeping it as a former value (the user that last held
+/// it); the value removed, if there was one.
+pub(super) async fn release(
+    conn: &mut AsyncPgConnection,
+    user: UserId,
+    namespace: &Namespace,
+) -> QueryResult<Option<ExternalId>> {
+    let removed: Option<String> = diesel::delete(
+        user_external_ids::table
+            .filter(user_external_ids::user_id.eq(user.as_uuid()))
+            .filter(user_external_ids::namespace.eq(namespace.as_str())),
+    )
+    .returning(user_external_ids::external_id)
+    .get_result(conn)
+    .await
+    .optional()?;
+    if let Some(value) = &removed {
+        diesel::insert_into(former_external_ids::table)
+            .values((
+                former_external_ids::namespace.eq(namespace.as_str()),
+                former_external_ids::external_id.eq(value),
+                former_external_ids::user_id.eq(user.as_uuid()),
+            ))
+            .on_conflict((
+                former_external_ids::namespace,
+                former_external_ids::external_id,
+            ))
+            .do_update()
+            .set((
+                former_external_ids::user_id.eq(user.as_uuid()),
+                former_external_ids::released_at.eq(diesel::dsl::now),
+            ))
+            .execute(conn)
+            .await?;
+    }
+    Ok(removed.map(ExternalId::from_trusted))
+}
+
+/// Marks the user changed.
+pub(super) async fn touch(conn: &mut AsyncPgConnection, user: UserId) -> QueryResult<()> {
+    diesel::update(users::table.find(user.as_uuid()))
+        .set(users::updated_at.eq(diesel::dsl::now))
+        .execute(conn)
+        .await
+        .map(|_| ())
 }
 
 impl Store {
@@ -434,16 +596,13 @@ impl Store {
     ) -> Result<Vec<User>, StoreError> {
         let mut conn = self.conn().await?;
         let after = after.map_or(uuid::Uuid::nil(), |id| id.as_uuid());
-        let rows: Vec<UserWithExternalId> = select_users!()
+        let rows: Vec<UserWithIds> = select_users!()
             .filter(users::ory_identity_id.gt(after))
             .order(users::ory_identity_id)
             .limit(limit)
             .load(&mut conn)
             .await
             .map_err(StoreError::classify)?;
-        Ok(rows
-            .into_iter()
-            .map(|(user, ext)| user.into_domain(ext))
-            .collect())
+        Ok(rows.into_iter().map(into_user).collect())
     }
 }

@@ -1,5 +1,5 @@
-//! The outbox worker: delivers the Ory writes that committed links queued (today: the internal user
-//! id into `metadata_public.id`). Rows are claimed with `FOR UPDATE SKIP LOCKED` under a lease, so
+//! The outbox worker: delivers the Ory writes that committed changes queued: the internal user id
+//! into `metadata_public.id`, and the value in the namespace mirrored to Ory into `external_id`. Rows are claimed with `FOR UPDATE SKIP LOCKED` under a lease, so
 //! replicas share the work without delivering a row twice at once, and a crash only delays a row.
 //! Failures are retried with exponential backoff (Ory's `Retry-After` wins when longer); failures
 //! that retrying cannot fix are parked with their error for operators.
@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ENV_ORY_ADMIN_URL, ENV_ORY_API_KEY, OutboxSettings};
+use crate::domain::ExternalId;
 use crate::ory::{KratosClient, MetadataWrite, OryError};
 use crate::store::{OutboxKind, OutboxRow, Store, StoreError};
 
@@ -25,6 +26,26 @@ use crate::store::{OutboxKind, OutboxRow, Store, StoreError};
 /// contract) before it is parked: such an answer rarely changes, but a proxy's hiccup can look like
 /// one, so it is not believed the first time.
 pub const MAX_REJECTED_ATTEMPTS: i32 = 3;
+
+/// How a delivery ended, when Ory answered.
+enum Outcome {
+    /// Written (or nothing to write); the row is done.
+    Done(&'static str),
+    /// Retrying cannot fix it; the row is parked with this reason for an operator.
+    Park(String),
+}
+
+/// Why a delivery failed.
+enum Failure {
+    Ory(OryError),
+    Store(StoreError),
+}
+
+impl From<OryError> for Failure {
+    fn from(e: OryError) -> Self {
+        Self::Ory(e)
+    }
+}
 
 pub struct OutboxWorker {
     store: Store,
@@ -139,49 +160,49 @@ impl OutboxWorker {
                 )
                 .await;
         };
-        match kind {
-            OutboxKind::SetMetadataPublicId => {}
-        }
-        let write = self
-            .ory
-            .set_metadata_public_id(row.ory_identity_id, row.user_id);
+        let work = async {
+            match kind {
+                OutboxKind::SetMetadataPublicId => self.write_metadata(&row).await,
+                OutboxKind::SyncExternalId => self.write_external_id(&row).await,
+            }
+        };
         let result = tokio::select! {
-            result = tokio::time::timeout(self.settings.row_budget, write) => {
-                result.unwrap_or_else(|_| Err(OryError::Unavailable("the delivery took longer than its budget".into())))
+            result = tokio::time::timeout(self.settings.row_budget, work) => {
+                result.unwrap_or_else(|_| Err(Failure::Ory(OryError::Unavailable("the delivery took longer than its budget".into()))))
             }
             () = shutdown.cancelled() => {
                 // The write may or may not have landed; delivering it again is harmless, since a
-                // delivery reads first and sends nothing when Ory already holds the id.
+                // delivery reads first and sends nothing when Ory already holds the value.
                 tracing::info!(identity = %row.ory_identity_id, "outbox: stopping mid-delivery; releasing the row");
                 return self.store.release_outbox(&[row.id], false).await;
             }
         };
         match result {
-            Ok(MetadataWrite::Written | MetadataWrite::AlreadySet) => {
+            Ok(Outcome::Done(what)) => {
                 tracing::info!(
                     identity = %row.ory_identity_id,
                     user = %row.user_id,
                     attempts = row.attempts,
-                    "metadata_public.id written to Ory"
+                    kind = row.kind_name,
+                    "{what}"
                 );
-                self.store.complete_outbox(row.id).await
+                if !self.store.complete_outbox(row.id, row.revision).await? {
+                    tracing::debug!(identity = %row.ory_identity_id, "outbox: the row changed during delivery; delivering it again");
+                }
+                Ok(())
             }
-            Ok(MetadataWrite::NotAnObject) => {
-                tracing::error!(
-                    identity = %row.ory_identity_id,
-                    "metadata_public is neither an object nor null; not overwriting it"
-                );
-                self.store
-                    .fail_outbox(row.id, "metadata_public is neither an object nor null")
-                    .await
+            Ok(Outcome::Park(why)) => {
+                tracing::error!(identity = %row.ory_identity_id, kind = row.kind_name, "{why}; parking the write");
+                self.store.fail_outbox(row.id, &why).await
             }
-            Err(OryError::NotFound) => {
-                tracing::warn!(identity = %row.ory_identity_id, "identity is gone from Ory; dropping its metadata write");
+            Err(Failure::Store(e)) => Err(e),
+            Err(Failure::Ory(OryError::NotFound)) => {
+                tracing::warn!(identity = %row.ory_identity_id, kind = row.kind_name, "identity is gone from Ory; dropping its write");
                 self.store
                     .fail_outbox(row.id, "the identity does not exist in Ory")
                     .await
             }
-            Err(e) if !e.is_transient() && !e.is_misconfiguration() => {
+            Err(Failure::Ory(e)) if !e.is_transient() && !e.is_misconfiguration() => {
                 // Ory rejected the write itself (400, 409) or broke its contract: trying again is
                 // unlikely to help, so after a few attempts the row is parked for an operator.
                 let message = e.to_string();
@@ -193,7 +214,7 @@ impl OutboxWorker {
                 tracing::error!(identity = %row.ory_identity_id, error = %e, retry_in_ms = delay.as_millis() as u64, "Ory rejected the write; will try again before parking it");
                 self.store.retry_outbox(row.id, delay, &message).await
             }
-            Err(e) => {
+            Err(Failure::Ory(e)) => {
                 let mut delay = self.backoff(row.attempts.max(1) as u32);
                 if let OryError::RateLimited {
                     retry_after: Some(hint),
@@ -210,6 +231,50 @@ impl OutboxWorker {
                 }
                 self.store.retry_outbox(row.id, delay, &e.to_string()).await
             }
+        }
+    }
+
+    /// The internal user id into `metadata_public.id`.
+    async fn write_metadata(&self, row: &OutboxRow) -> Result<Outcome, Failure> {
+        match self
+            .ory
+            .set_metadata_public_id(row.ory_identity_id, row.user_id)
+            .await?
+        {
+            MetadataWrite::Written | MetadataWrite::AlreadySet => {
+                Ok(Outcome::Done("metadata_public.id written to Ory"))
+            }
+            MetadataWrite::NotAnObject => Ok(Outcome::Park(
+                "metadata_public is neither an object nor null".into(),
+            )),
+        }
+    }
+
+    /// What the user holds in the mirrored namespace now into the identity's `external_id` (or
+    /// clear it). The store is read at delivery, so however many changes the row absorbed, the
+    /// newest is what Ory gets.
+    async fn write_external_id(&self, row: &OutboxRow) -> Result<Outcome, Failure> {
+        let Some(namespace) = &self.settings.external_id_namespace else {
+            return Ok(Outcome::Done(
+                "no namespace is mirrored to Ory (IDMAP_ORY_EXTERNAL_ID_NAMESPACE is unset); external_id write dropped",
+            ));
+        };
+        let Some((identity, value)) = self
+            .store
+            .external_id_of(row.user_id, namespace)
+            .await
+            .map_err(Failure::Store)?
+        else {
+            return Ok(Outcome::Done("the user is gone; external_id write dropped"));
+        };
+        let value = value.as_ref().map(ExternalId::as_str);
+        match self.ory.set_external_id(identity, value).await {
+            Ok(_) => Ok(Outcome::Done("external_id written to Ory")),
+            Err(OryError::Conflict) => Ok(Outcome::Park(format!(
+                "Ory refused external_id {:?} with 409: another identity holds that external_id in Ory",
+                value.unwrap_or_default()
+            ))),
+            Err(e) => Err(Failure::Ory(e)),
         }
     }
 

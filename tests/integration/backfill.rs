@@ -942,3 +942,123 @@ mod binary {
         );
     }
 }
+
+/// An idmap app like [`app`], keeping namespace `crm` in step with Ory's `external_id`.
+async fn mirroring_app(db: &TestDb, ory: &Emulator) -> idmap::App {
+    let mut config = config(db, ory);
+    config.ory.admin_rps = std::num::NonZeroU32::new(10);
+    let crm = idmap::domain::Namespace::parse("namespace", "crm").unwrap();
+    config.service.ory_external_id_namespace = Some(crm.clone());
+    config.outbox.external_id_namespace = Some(crm);
+    idmap::App::build(config).await.expect("build the app")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_adopts_ory_external_ids_and_reconcile_repairs_their_drift() {
+    let db = TestDb::new().await;
+    let ory = emulator().await;
+    // The migration recipe: identities imported into Ory with their external_id, then a backfill.
+    let imported: Vec<Uuid> = (0..6)
+        .map(|i| {
+            id_of(&ory.create_identity(NewIdentity {
+                schema_id: "customer".into(),
+                traits: json!({ "email": format!("import-{i}@example.com") }),
+                identifiers: vec![format!("import-{i}@example.com")],
+                external_id: Some(format!("legacy-{i}")),
+                ..NewIdentity::default()
+            }))
+        })
+        .collect();
+    let app = mirroring_app(&db, &ory).await;
+    let jobs = app.jobs();
+    let never = CancellationToken::new();
+    run_backfill(&jobs, &options(4)).await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM user_external_ids WHERE namespace = 'crm' AND external_id LIKE 'legacy-%'")
+            .await,
+        6
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM ory_outbox WHERE kind = 'sync_external_id'")
+            .await,
+        0,
+        "Ory holds the adopted values"
+    );
+    deliver_outbox(&db, &ory).await;
+    let report_only = ReconcileOptions {
+        page_size: 4,
+        fix: false,
+        retry: quick_retry(),
+    };
+    let fix = ReconcileOptions {
+        fix: true,
+        ..report_only.clone()
+    };
+    let lines = Lines::default();
+    let clean = jobs.reconcile(&report_only, &lines, &never).await.unwrap();
+    assert_eq!(clean.drift_total(), 0, "{:?}", lines.take());
+
+    // Drift: Ory lost one value, holds another than idmap for a second, and gained one for a
+    // third whose user held none in idmap.
+    let [missing, mismatch, gained] = [imported[0], imported[1], imported[2]];
+    let clear = |identity: Uuid, value: &str| {
+        ory.patch_identity(
+            identity,
+            &json!([{"op": "replace", "path": "/external_id", "value": value}]),
+        )
+        .unwrap();
+    };
+    clear(missing, "");
+    clear(mismatch, "changed-in-ory");
+    db.run_sql(&format!(
+        "DELETE FROM user_external_ids WHERE user_id = '{}'",
+        db.user_of(gained).await
+    ))
+    .await;
+    let expected = vec![
+        format!(
+            "external-id-mismatch: user {} identity {gained}: holds nothing in namespace crm, Ory's external_id is \"legacy-2\"",
+            db.user_of(gained).await
+        ),
+        format!(
+            "external-id-mismatch: user {} identity {mismatch}: holds \"legacy-1\" in namespace crm, Ory's external_id is \"changed-in-ory\"",
+            db.user_of(mismatch).await
+        ),
+        format!(
+            "external-id-missing: user {} identity {missing}: holds \"legacy-0\" in namespace crm, Ory's external_id is not set",
+            db.user_of(missing).await
+        ),
+    ];
+    let mut expected = expected;
+    expected.sort();
+    let report = jobs.reconcile(&report_only, &lines, &never).await.unwrap();
+    assert_eq!(lines.take(), expected);
+    assert_eq!(report.drifts_of(DriftKind::ExternalIdMissing), 1);
+    assert_eq!(report.drifts_of(DriftKind::ExternalIdMismatch), 2);
+    assert_eq!(db.count("SELECT count(*) FROM ory_outbox").await, 0);
+    let summary = idmap::cmd::jobs::reconcile_summary(&report);
+    assert!(summary.contains("external-id-missing"), "{summary}");
+
+    // --fix: idmap's values are queued for Ory; Ory's value is adopted where idmap held none.
+    let fixed = jobs.reconcile(&fix, &lines, &never).await.unwrap();
+    let repaired: Vec<String> = expected.iter().map(|l| format!("{l} [fixed]")).collect();
+    assert_eq!(lines.take(), repaired);
+    assert_eq!((fixed.fixed, fixed.failed), (3, 0));
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM ory_outbox WHERE kind = 'sync_external_id' \
+             AND ory_identity_id IN ('{missing}', '{mismatch}', '{gained}')"
+        ))
+        .await,
+        3
+    );
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM user_external_ids WHERE namespace = 'crm' \
+             AND external_id = 'legacy-2' AND user_id = '{}'",
+            db.user_of(gained).await
+        ))
+        .await,
+        1
+    );
+}

@@ -180,7 +180,7 @@ async fn serve_refuses_an_unreachable_or_unmigrated_database() {
         use diesel_async::SimpleAsyncConnection;
         let mut conn = db.conn().await;
         conn.batch_execute(
-            "DROP TABLE backfill_run_identities, backfill_runs, ory_outbox, pending_users, session_cache, session_cache_evictions, user_external_ids, users, __diesel_schema_migrations",
+            "DROP TABLE backfill_run_identities, backfill_runs, former_external_ids, ory_outbox, pending_users, session_cache, session_cache_evictions, user_external_ids, users, __diesel_schema_migrations",
         )
         .await
         .unwrap();

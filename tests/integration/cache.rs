@@ -249,6 +249,7 @@ async fn a_user_change_on_one_replica_is_seen_on_the_other() {
         ory_identity_id: identity_id.to_string(),
         user_id: String::new(),
         external_id: external_id.into(),
+        ..Default::default()
     };
     ca.link_identity(link("")).await.unwrap();
     let get = GetUserByOryIdRequest {
@@ -378,6 +379,7 @@ async fn batch_get_users_answers_in_request_order_with_one_entry_per_user() {
                 ory_identity_id: id.to_string(),
                 user_id: String::new(),
                 external_id: format!("b-{i}"),
+                ..Default::default()
             })
             .await
             .unwrap();

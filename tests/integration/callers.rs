@@ -150,6 +150,7 @@ async fn api_key_callers_are_allowed_and_refused_per_rpc() {
                 ory_identity_id: identity.to_string(),
                 user_id: String::new(),
                 external_id: String::new(),
+                ..Default::default()
             },
             "authorization",
             &format!("Bearer {key}"),
@@ -217,6 +218,7 @@ async fn a_mesh_header_names_the_caller_only_when_idmap_is_told_to_trust_it() {
                 ory_identity_id: Uuid::new_v4().to_string(),
                 user_id: String::new(),
                 external_id: String::new(),
+                ..Default::default()
             },
             "x-forwarded-client-cert",
             &xfcc,

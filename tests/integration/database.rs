@@ -24,9 +24,11 @@ async fn database_outage_is_unavailable_and_idmap_recovers() {
         ory_identity_id: identity_id.to_string(),
         user_id: String::new(),
         external_id: "crm-dbdown".into(),
+        ..Default::default()
     };
     let by_external = GetByExternalIdRequest {
         external_id: "crm-dbdown".into(),
+        ..Default::default()
     };
 
     // Every open connection is cut and new ones are refused.
@@ -107,6 +109,7 @@ async fn postgres_restarted_under_load_costs_only_what_needs_it() {
     client.resolve_session(resolve.clone()).await.unwrap();
     let unknown = GetByExternalIdRequest {
         external_id: "nobody".into(),
+        ..Default::default()
     };
     let mut reconnects = server.reconnects();
     // A link whose Ory write cannot be delivered yet: it waits in the outbox across the restart.

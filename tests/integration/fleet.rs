@@ -332,6 +332,7 @@ async fn lookups_read_the_replica_and_ask_the_primary_for_what_it_lacks() {
     let by_external = client
         .get_by_external_id(GetByExternalIdRequest {
             external_id: "crm-replica".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

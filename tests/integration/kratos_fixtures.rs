@@ -120,6 +120,7 @@ async fn an_admin_identity_in_kratos_own_serialisation_links() {
             ory_identity_id: identity_id.clone(),
             user_id: String::new(),
             external_id: "crm-fixture".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -13,6 +13,7 @@ async fn get_user_by_ory_id_finds_linked_users_only() {
             ory_identity_id: identity_id.to_string(),
             user_id: String::new(),
             external_id: "crm-7".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -75,6 +76,7 @@ async fn get_by_external_id_matches_exactly() {
             ory_identity_id: identity_id.to_string(),
             user_id: String::new(),
             external_id: external.into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -84,6 +86,7 @@ async fn get_by_external_id_matches_exactly() {
     let found = client
         .get_by_external_id(GetByExternalIdRequest {
             external_id: external.into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -97,6 +100,7 @@ async fn get_by_external_id_matches_exactly() {
         let err = client
             .get_by_external_id(GetByExternalIdRequest {
                 external_id: miss.into(),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -115,7 +119,10 @@ async fn get_by_external_id_rejects_invalid_ids() {
         "nul\0".into(),
     ] {
         let err = client
-            .get_by_external_id(GetByExternalIdRequest { external_id: bad })
+            .get_by_external_id(GetByExternalIdRequest {
+                external_id: bad,
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         assert_code(&err, Code::InvalidArgument);
@@ -125,6 +132,7 @@ async fn get_by_external_id_rejects_invalid_ids() {
     let err = client
         .get_by_external_id(GetByExternalIdRequest {
             external_id: "a".repeat(255),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -150,6 +158,7 @@ async fn concurrent_uncached_lookups_each_get_their_own_user() {
                 ory_identity_id: identity_id.to_string(),
                 user_id: String::new(),
                 external_id: format!("crm-many-{i}"),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -174,6 +183,7 @@ async fn concurrent_uncached_lookups_each_get_their_own_user() {
             let by_external = client
                 .get_by_external_id(GetByExternalIdRequest {
                     external_id: user.external_id.clone(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap()

@@ -13,6 +13,7 @@ mod cache;
 mod callers;
 mod database;
 mod deploy;
+mod external_ids;
 mod fleet;
 mod hooks;
 mod kratos_fixtures;

@@ -35,6 +35,7 @@ async fn metadata_write_survives_an_ory_outage_and_a_restart() {
             ory_identity_id: identity_id.to_string(),
             user_id: String::new(),
             external_id: "crm-durable".into(),
+            ..Default::default()
         })
         .await
         .expect("the link succeeds while Ory refuses writes")

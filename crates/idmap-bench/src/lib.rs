@@ -582,6 +582,7 @@ fn get_by_external_id(clients: Arc<Vec<Client>>, users: u64) -> MakeCall {
         boxed(async move {
             c.get_by_external_id(api::GetByExternalIdRequest {
                 external_id: env::seeded_external_id(i),
+                ..Default::default()
             })
             .await?;
             Ok(())
@@ -1135,6 +1136,7 @@ async fn main_scenario(
                         ory_identity_id: id.to_string(),
                         user_id: String::new(),
                         external_id: format!("bench-link-{seq}"),
+                        ..Default::default()
                     })
                     .await?;
                     Ok(())

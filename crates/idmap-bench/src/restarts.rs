@@ -534,7 +534,7 @@ fn link_fresh(
                 .link_identity(api::LinkIdentityRequest {
                     ory_identity_id: id.to_string(),
                     user_id: String::new(),
-                    external_id: String::new(),
+                    ..Default::default()
                 })
                 .await?
                 .into_inner()
@@ -560,6 +560,7 @@ fn cold_lookup(clients: Arc<Vec<Client>>) -> MakeCall {
             match c
                 .get_by_external_id(api::GetByExternalIdRequest {
                     external_id: format!("bench-nobody-{seq}"),
+                    ..Default::default()
                 })
                 .await
             {

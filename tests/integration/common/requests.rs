@@ -32,6 +32,7 @@ pub fn link_with(identity: Uuid, user_id: &str, external_id: &str) -> LinkIdenti
         ory_identity_id: identity.to_string(),
         user_id: user_id.into(),
         external_id: external_id.into(),
+        ..Default::default()
     }
 }
 
