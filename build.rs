@@ -1,7 +1,11 @@
-//! Compiles `proto/` with protox (pure Rust, no system `protoc`) and writes the descriptor set that
-//! gRPC server reflection serves.
+//! Compiles `proto/` with protox (pure Rust, no system `protoc`) and writes the descriptor sets that
+//! gRPC server reflection serves: idmap's own API, and Envoy's ext_authz service, whose Rust types
+//! come from the `envoy-types` crate and whose .proto files ship inside that crate's package.
 
 use std::{env, path::PathBuf};
+
+/// The `envoy-types` version Cargo.toml pins; its package holds the .proto files compiled here.
+const ENVOY_TYPES: &str = "envoy-types-0.7.7";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = ["proto/idmap/v1/identity.proto"];
@@ -19,5 +23,56 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "crate::proto::ResolveSessionResponse",
         )
         .compile_fds(fds)?;
+
+    let envoy = envoy_types_protos()?;
+    let includes: Vec<PathBuf> = [
+        "data-plane-api",
+        "xds",
+        "protoc-gen-validate",
+        "googleapis",
+        "cel-spec/proto",
+        "opentelemetry-proto",
+        "client_model",
+    ]
+    .iter()
+    .map(|dir| envoy.join(dir))
+    .filter(|dir| dir.is_dir())
+    .collect();
+    let envoy_fds = protox::compile(["envoy/service/auth/v3/external_auth.proto"], &includes)?;
+    std::fs::write(
+        out.join("envoy_ext_authz_descriptor.bin"),
+        prost::Message::encode_to_vec(&envoy_fds),
+    )?;
     Ok(())
+}
+
+/// The `proto/` directory of the `envoy-types` package: `ENVOY_TYPES_PROTO_DIR` when set, else the
+/// package in a vendored tree (`cargo vendor`) or in Cargo's registry sources.
+fn envoy_types_protos() -> Result<PathBuf, Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-env-changed=ENVOY_TYPES_PROTO_DIR");
+    if let Ok(dir) = env::var("ENVOY_TYPES_PROTO_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
+    let mut candidates = vec![manifest.join("vendor").join("envoy-types").join("proto")];
+    let cargo_home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")));
+    if let Some(registry) = cargo_home.map(|home| home.join("registry").join("src"))
+        && let Ok(indexes) = std::fs::read_dir(&registry)
+    {
+        for index in indexes.flatten() {
+            candidates.push(index.path().join(ENVOY_TYPES).join("proto"));
+        }
+    }
+    candidates
+        .into_iter()
+        .find(|dir| dir.join("data-plane-api").is_dir())
+        .ok_or_else(|| {
+            format!(
+                "cannot find the .proto files of {ENVOY_TYPES} (looked in vendor/ and Cargo's registry); \
+                 set ENVOY_TYPES_PROTO_DIR to that package's proto/ directory"
+            )
+            .into()
+        })
 }

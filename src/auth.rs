@@ -14,8 +14,9 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{CallerSettings, ConfigError, ENV_CALLERS};
 
-/// The RPCs of `idmap.v1.IdentityService` a caller can be granted, by their proto names.
-pub const RPCS: [&str; 9] = [
+/// The RPCs a caller can be granted, by their proto names: `idmap.v1.IdentityService`'s, and
+/// `Check` of Envoy's ext_authz (`envoy.service.auth.v3.Authorization`), which gateways call.
+pub const RPCS: [&str; 10] = [
     "ResolveSession",
     "GetUserByOryId",
     "GetByExternalId",
@@ -25,6 +26,7 @@ pub const RPCS: [&str; 9] = [
     "SetExternalId",
     "RemoveExternalId",
     "BatchGetByExternalIds",
+    "Check",
 ];
 
 /// An identified caller, as logs and metrics name it. Never a secret.

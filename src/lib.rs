@@ -7,12 +7,14 @@
 //! maps every module and what it may import.
 
 pub mod app;
+pub mod assertion;
 pub mod auth;
 pub mod cache;
 pub mod cmd;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod gateway;
 pub mod grpc;
 pub mod http;
 pub mod jobs;

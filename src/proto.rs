@@ -149,6 +149,11 @@ impl prost::Message for ResolveSessionResponse {
 /// The encoded `FileDescriptorSet` of `proto/`, dependencies included.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("idmap_descriptor");
 
+/// Envoy's ext_authz service (`envoy.service.auth.v3`) and everything it imports, compiled by
+/// build.rs from the `envoy-types` package's .proto files; the Rust types are that crate's.
+pub const ENVOY_EXT_AUTHZ_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("envoy_ext_authz_descriptor");
+
 pub use idmap::v1 as api;
 
 #[cfg(test)]

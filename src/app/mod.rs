@@ -19,6 +19,7 @@ use crate::config::{
     Config, ConfigError, ENV_DATABASE_READ_URL, ENV_DATABASE_URL, ENV_GRPC_ADDR, ENV_HTTP_ADDR,
     ENV_TLS_CERT, ENV_TLS_CLIENT_CA, ENV_TLS_KEY, ListenerTlsFiles,
 };
+use crate::gateway::Gateway;
 use crate::grpc::CallerAuth;
 use crate::jobs::Jobs;
 use crate::ory::KratosClient;
@@ -38,6 +39,8 @@ pub struct App {
     store: Store,
     ory: KratosClient,
     mapper: Arc<IdentityMapper>,
+    /// The decision gateways ask for (ext_authz on the gRPC port, forward-auth on HTTP).
+    gateway: Arc<Gateway>,
     outbox_wakeup: Arc<Notify>,
 }
 
@@ -88,12 +91,14 @@ impl App {
             caches,
             outbox_wakeup.clone(),
         ));
+        let gateway = Arc::new(Gateway::new(mapper.clone(), config.gateway.clone()));
         Ok(Self {
             config,
             tls,
             store,
             ory,
             mapper,
+            gateway,
             outbox_wakeup,
         })
     }
@@ -148,7 +153,13 @@ impl App {
             );
         }
         let auth = CallerAuth::new(policy, self.config.callers.trusted_header);
-        let server = GrpcServer::build(self.mapper.clone(), auth, &self.config.grpc).await?;
+        let server = GrpcServer::build(
+            self.mapper.clone(),
+            self.gateway.clone(),
+            auth,
+            &self.config.grpc,
+        )
+        .await?;
         let background = Background::start(&self, http).await?;
         if let Some(tls) = &self.tls {
             let draining = background.draining.clone();

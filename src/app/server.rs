@@ -11,8 +11,11 @@ use tonic_health::server::HealthReporter;
 use tower::layer::util::{Identity, Stack};
 
 use crate::config::GrpcSettings;
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+
+use crate::gateway::Gateway;
 use crate::grpc::{
-    CallSpans, CallerAuth, GrpcMetrics, IdentityApi, InFlightLimit, MAX_REQUEST_BYTES,
+    CallSpans, CallerAuth, ExtAuthz, GrpcMetrics, IdentityApi, InFlightLimit, MAX_REQUEST_BYTES,
 };
 use crate::proto::{self, api::identity_service_server::IdentityServiceServer};
 use crate::service::IdentityMapper;
@@ -39,10 +42,11 @@ pub(super) struct GrpcServer {
 }
 
 impl GrpcServer {
-    /// Health (SERVING, overall and for [`SERVICE_NAME`]), both reflection versions, and the
-    /// identity service, all behind the caller authorization `auth`.
+    /// Health (SERVING, overall and for [`SERVICE_NAME`]), both reflection versions, the
+    /// identity service and Envoy's ext_authz `Check`, all behind the caller authorization `auth`.
     pub async fn build(
         mapper: Arc<IdentityMapper>,
+        gateway: Arc<Gateway>,
         auth: CallerAuth,
         limits: &GrpcSettings,
     ) -> anyhow::Result<Self> {
@@ -53,6 +57,7 @@ impl GrpcServer {
         // grpcurl prints a failure's details instead of "not recognized".
         let services = [
             proto::FILE_DESCRIPTOR_SET,
+            proto::ENVOY_EXT_AUTHZ_DESCRIPTOR_SET,
             tonic_health::pb::FILE_DESCRIPTOR_SET,
             tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
             tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
@@ -94,7 +99,11 @@ impl GrpcServer {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(identity);
+            .add_service(identity)
+            .add_service(
+                AuthorizationServer::new(ExtAuthz::new(gateway))
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            );
         Ok(Self { router, health })
     }
 

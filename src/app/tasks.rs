@@ -71,7 +71,8 @@ impl Background {
         let http = tokio::spawn(crate::http::serve(
             http,
             app.store.clone(),
-            crate::http::hooks::router(app.mapper.clone(), &app.config.hooks),
+            crate::http::hooks::router(app.mapper.clone(), &app.config.hooks)
+                .merge(crate::http::gateway::router(app.gateway.clone())),
             draining.clone(),
             app.config.http.clone(),
             app.tls.clone(),

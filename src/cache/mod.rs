@@ -50,6 +50,9 @@ pub type Rendering = Arc<OnceLock<Bytes>>;
 pub struct SessionEntry {
     pub value: CachedSession,
     pub fresh_for: Duration,
+    /// When the entry stops being served, by the wall clock (what a signed assertion's `exp`
+    /// may not pass).
+    pub served_until: std::time::SystemTime,
     pub rendering: Rendering,
     /// The session-eviction epoch its load started in.
     epoch: u64,
@@ -65,6 +68,7 @@ impl Clone for SessionEntry {
         Self {
             value: self.value.clone(),
             fresh_for: self.fresh_for,
+            served_until: self.served_until,
             rendering: self.rendering.clone(),
             epoch: self.epoch,
             refresh_at: self.refresh_at,
@@ -98,6 +102,7 @@ impl SessionEntry {
         Self {
             value,
             fresh_for,
+            served_until: std::time::SystemTime::now() + fresh_for,
             rendering: Rendering::default(),
             epoch: 0,
             refresh_at,

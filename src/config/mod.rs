@@ -16,9 +16,9 @@ use crate::domain::Namespace;
 mod settings;
 
 pub use settings::{
-    CacheSettings, CallerSettings, DEFAULT_HEADER, GrpcSettings, HookSettings, HttpSettings,
-    ListenerTlsFiles, OryConfig, OutboxSettings, PendingSettings, PoolOptions, ServiceSettings,
-    TlsSettings, TrustedHeader,
+    CacheSettings, CallerSettings, DEFAULT_HEADER, GatewaySettings, GrpcSettings, HookSettings,
+    HttpSettings, ListenerTlsFiles, OryConfig, OutboxSettings, PendingSettings, PoolOptions,
+    ServiceSettings, TlsSettings, TrustedHeader,
 };
 
 pub const ENV_DATABASE_URL: &str = "DATABASE_URL";
@@ -206,6 +206,18 @@ fn parse_header_name(value: &str) -> Result<HeaderName, InvalidValue> {
     HeaderName::from_bytes(value.trim().as_bytes()).map_err(|_| {
         InvalidValue::from("must be an HTTP header name, such as Authorization or X-Idmap-Secret")
     })
+}
+
+fn parse_header_prefix(value: &str) -> Result<String, InvalidValue> {
+    if value.len() <= 32
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        Ok(value.to_owned())
+    } else {
+        Err("must be at most 32 lower-case letters, digits and '-' (e.g. x- or x-auth-)".into())
+    }
 }
 
 fn parse_namespace(value: &str) -> Result<Namespace, InvalidValue> {
@@ -415,6 +427,25 @@ pub struct CommonArgs {
     #[arg(long, env = ENV_WEBHOOK_HEADER, value_name = ENV_WEBHOOK_HEADER, default_value = DEFAULT_HEADER, value_parser = parse_header_name)]
     pub webhook_header: HeaderName,
 
+    /// Where a gateway sends a browser without a session (a 303 instead of a 401), e.g. the
+    /// login page of Ory's account experience. Unset: browsers get the 401 too.
+    #[arg(
+        long,
+        env = "IDMAP_GATEWAY_LOGIN_URL",
+        value_name = "IDMAP_GATEWAY_LOGIN_URL"
+    )]
+    pub gateway_login_url: Option<Url>,
+
+    /// Let requests that carry no session at all through the gateway, without identity headers
+    /// (public pages behind the same gateway). A session that is not valid is still refused.
+    #[arg(long, env = "IDMAP_GATEWAY_ALLOW_ANONYMOUS", value_name = "IDMAP_GATEWAY_ALLOW_ANONYMOUS", default_value = "false", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub gateway_allow_anonymous: bool,
+
+    /// The prefix of the identity headers a gateway sets on upstream requests (`x-user-id`,
+    /// `x-ory-session-id`, ...): lower-case letters, digits and `-`.
+    #[arg(long, env = "IDMAP_GATEWAY_HEADER_PREFIX", value_name = "IDMAP_GATEWAY_HEADER_PREFIX", default_value = "x-", value_parser = parse_header_prefix)]
+    pub gateway_header_prefix: String,
+
     /// How long a user id minted by the pre-persist registration hook waits for its identity to be
     /// linked before the sweep removes it.
     #[arg(long, env = ENV_PENDING_USER_TTL, value_name = ENV_PENDING_USER_TTL, default_value = "1h", value_parser = parse_positive_duration)]
@@ -556,6 +587,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub shutdown_delay: Duration,
     pub hooks: HookSettings,
+    /// What gateways (Envoy ext_authz, HTTP forward-auth) are told.
+    pub gateway: GatewaySettings,
     pub pending_users: PendingSettings,
     pub callers: CallerSettings,
     pub grpc: GrpcSettings,
@@ -659,6 +692,11 @@ impl Config {
             hooks: HookSettings {
                 secret: common.webhook_secret,
                 header: common.webhook_header,
+            },
+            gateway: GatewaySettings {
+                login_url: common.gateway_login_url,
+                allow_anonymous: common.gateway_allow_anonymous,
+                header_prefix: common.gateway_header_prefix,
             },
             pending_users: PendingSettings::with_ttl(common.pending_user_ttl),
             http: HttpSettings {

@@ -154,6 +154,27 @@ impl PendingSettings {
     }
 }
 
+/// What gateways are told (see `gateway/`).
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    /// Where browsers without a session are sent (303); `None`: they get 401.
+    pub login_url: Option<Url>,
+    /// Requests without any session pass, without identity headers.
+    pub allow_anonymous: bool,
+    /// The identity headers' prefix (`x-`).
+    pub header_prefix: String,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            login_url: None,
+            allow_anonymous: false,
+            header_prefix: "x-".into(),
+        }
+    }
+}
+
 /// Behaviour switches for the use cases.
 #[derive(Debug, Clone)]
 pub struct ServiceSettings {

@@ -166,6 +166,8 @@ fn access_of(path: &str) -> Access<'_> {
     match service {
         "grpc.health.v1.Health" => Access::Open,
         "idmap.v1.IdentityService" => Access::Rpc(method),
+        // A gateway is a caller granted `Check`.
+        "envoy.service.auth.v3.Authorization" => Access::Rpc(method),
         // Reflection, and whatever else a client asks for (tonic answers UNIMPLEMENTED).
         _ => Access::Identified,
     }

@@ -4,6 +4,7 @@
 mod auth;
 pub(crate) mod convert;
 mod deadline;
+mod ext_authz;
 mod identity;
 mod incoming;
 mod limits;
@@ -12,6 +13,7 @@ mod status;
 mod trace;
 
 pub use auth::CallerAuth;
+pub use ext_authz::ExtAuthz;
 pub use identity::IdentityApi;
 pub use incoming::incoming;
 pub use limits::{InFlightLimit, MAX_REQUEST_BYTES};

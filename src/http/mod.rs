@@ -24,6 +24,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+pub mod gateway;
 pub mod hooks;
 
 use crate::config::HttpSettings;

@@ -23,6 +23,8 @@ pub struct Resolved {
     pub user: Option<Arc<User>>,
     /// The adapter's encoding of `session`, shared by every hit of the cache entry.
     pub rendering: Rendering,
+    /// When the cache stops serving this answer (now, when the session cache is off).
+    pub served_until: std::time::SystemTime,
 }
 
 impl IdentityMapper {
@@ -45,6 +47,7 @@ impl IdentityMapper {
             entry
         };
         let rendering = entry.rendering.clone();
+        let served_until = entry.served_until;
         let whoami = match &entry.value {
             CachedSession::Valid(session) => session.clone(),
             CachedSession::Invalid => return Err(OryError::Unauthenticated.into()),
@@ -86,6 +89,7 @@ impl IdentityMapper {
             session: whoami,
             user,
             rendering,
+            served_until,
         })
     }
 

@@ -12,6 +12,7 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
     ("config", &["domain"]),
     ("auth", &["config"]),
     ("domain", &[]),
+    ("assertion", &[]),
     ("store", &["config", "domain", "metrics", "tls"]),
     ("ory", &["config", "domain", "metrics", "telemetry", "tls"]),
     ("cache", &["config", "domain", "metrics", "store"]),
@@ -23,6 +24,7 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
         ],
     ),
     ("jobs", &["domain", "error", "ory", "service", "store"]),
+    ("gateway", &["config", "domain", "error", "service"]),
     ("worker", &["cache", "config", "domain", "ory", "store"]),
     (
         "grpc",
@@ -31,6 +33,7 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
             "config",
             "domain",
             "error",
+            "gateway",
             "metrics",
             "proto",
             "service",
@@ -44,6 +47,7 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
             "config",
             "domain",
             "error",
+            "gateway",
             "metrics",
             "ory",
             "service",
@@ -55,8 +59,8 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
     (
         "app",
         &[
-            "auth", "cache", "config", "grpc", "http", "jobs", "ory", "proto", "service", "store",
-            "tls", "worker",
+            "auth", "cache", "config", "gateway", "grpc", "http", "jobs", "ory", "proto",
+            "service", "store", "tls", "worker",
         ],
     ),
     (

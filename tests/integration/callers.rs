@@ -17,6 +17,7 @@ use crate::common::*;
 
 pub(crate) const FRONT_KEY: &str = "front-end-key-0123456789abcdef";
 pub(crate) const OFFICE_KEY: &str = "back-office-key-0123456789abcdef";
+const EDGE_KEY: &str = "edge-gateway-key-0123456789abcdef";
 const BFF: &str = "spiffe://cluster.local/ns/web/sa/bff";
 const LINKERD_BFF: &str = "bff.web.serviceaccount.identity.linkerd.cluster.local";
 
@@ -46,9 +47,15 @@ rpcs = ["ResolveSession", "GetUserByOryId"]
 name = "back-office"
 api_key_sha256 = ["{office}"]
 rpcs = ["*"]
+
+[[callers]]
+name = "edge"
+api_key_sha256 = ["{edge}"]
+rpcs = ["Check"]
 "#,
             front = sha(FRONT_KEY),
             office = sha(OFFICE_KEY),
+            edge = sha(EDGE_KEY),
         ),
     )
     .unwrap();
@@ -253,4 +260,34 @@ async fn a_mesh_header_names_the_caller_only_when_idmap_is_told_to_trust_it() {
         .await
         .unwrap_err();
     assert_code(&err, Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_is_a_caller_granted_check() {
+    use envoy_types::ext_authz::v3::pb::CheckRequest;
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    let env = env_with_callers(None).await;
+    let mut gateway = AuthorizationClient::new(channel(env.server.addr).await);
+    let check = |key: &str| {
+        with_header(
+            CheckRequest::default(),
+            "authorization",
+            &format!("Bearer {key}"),
+        )
+    };
+    // Granted: the request has no session, so the answer is a 401 verdict, not a refused call.
+    let verdict = gateway.check(check(EDGE_KEY)).await.unwrap().into_inner();
+    assert!(verdict.http_response.is_some());
+    let refused = gateway.check(check(FRONT_KEY)).await.unwrap_err();
+    assert_code(&refused, Code::PermissionDenied);
+    assert_eq!(error_info(&refused).0, "CALLER_NOT_ALLOWED");
+    let refused = gateway.check(CheckRequest::default()).await.unwrap_err();
+    assert_code(&refused, Code::Unauthenticated);
+    // The gateway's key opens Check only.
+    let err = env
+        .client()
+        .get_user_by_ory_id(by_ory_id(Some(EDGE_KEY)))
+        .await
+        .unwrap_err();
+    assert_eq!(error_info(&err).0, "CALLER_NOT_ALLOWED");
 }

@@ -645,9 +645,13 @@ async fn get_by_external_id_finds_an_identity_only_ory_knew_and_remembers_misses
 
     // A value with URL syntax in it is asked for as one path segment.
     let odd = imported(&env, "odd@example.com", "a/b?c d#e%2F");
-    let found = get(&mut client, "crm", "a/b?c d#e%2F", false).await.unwrap();
+    let found = get(&mut client, "crm", "a/b?c d#e%2F", false)
+        .await
+        .unwrap();
     assert_eq!(found.user.unwrap().ory_identity_id, odd.to_string());
-    env.db.wait_for_outbox("SELECT count(*) FROM ory_outbox", 0).await;
+    env.db
+        .wait_for_outbox("SELECT count(*) FROM ory_outbox", 0)
+        .await;
 
     // Unknown to Ory too: asked once, however many ask at once and again.
     env.ory.reset_calls();

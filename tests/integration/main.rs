@@ -15,6 +15,7 @@ mod database;
 mod deploy;
 mod external_ids;
 mod fleet;
+mod gateway;
 mod hooks;
 mod kratos_fixtures;
 mod kubernetes;

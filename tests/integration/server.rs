@@ -85,6 +85,7 @@ async fn reflection_v1_and_v1alpha_list_and_describe_every_service() {
     let channel = channel(env.server.addr).await;
     let services = [
         "idmap.v1.IdentityService",
+        "envoy.service.auth.v3.Authorization",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
@@ -93,6 +94,8 @@ async fn reflection_v1_and_v1alpha_list_and_describe_every_service() {
     // contains the symbol; the details are every message a status of idmap's may carry.
     let symbols = [
         "idmap.v1.IdentityService",
+        "envoy.service.auth.v3.Authorization",
+        "envoy.service.auth.v3.CheckRequest",
         "google.rpc.ErrorInfo",
         "google.rpc.BadRequest",
         "google.rpc.RetryInfo",

@@ -1,0 +1,114 @@
+//! `GET /gateway/auth`: HTTP forward-auth for nginx `auth_request`, Traefik ForwardAuth, Caddy
+//! `forward_auth` and Envoy's HTTP ext_authz mode. The proxy sends the client's request headers;
+//! the answer is the gateway's decision: 200 with the identity headers for the proxy to copy onto
+//! the upstream request, or the refusal (401, 303 to the login page, 403, 503 with Retry-After).
+//! And `POST /gateway/oathkeeper/hydrate`, Oathkeeper's hydrator mutator.
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+
+use crate::gateway::{Gateway, HydrateError, Presented, Verdict};
+
+/// The largest authentication session the hydrator reads: Oathkeeper's holds the request's
+/// headers and the authenticator's extra data, far below this.
+const MAX_SESSION_BYTES: usize = 256 * 1024;
+
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/gateway/auth", get(forward_auth))
+        .route(
+            "/gateway/oathkeeper/hydrate",
+            post(hydrate).layer(DefaultBodyLimit::max(MAX_SESSION_BYTES)),
+        )
+        .with_state(gateway)
+}
+
+/// `POST /gateway/oathkeeper/hydrate`: Oathkeeper's hydrator mutator. 200 with the session and
+/// `extra.idmap`; 404 when no user is linked to the subject (Oathkeeper then refuses the
+/// request rather than forward it without a user); 400 for a body that is not a session; 503
+/// when the store is unavailable.
+async fn hydrate(State(gateway): State<Arc<Gateway>>, body: Bytes) -> Response {
+    let error = |status: StatusCode, message: String| {
+        (
+            status,
+            Json(serde_json::json!({"error": {"code": status.as_u16(), "message": message}})),
+        )
+            .into_response()
+    };
+    let session: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(session) => session,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the body is not JSON: {e}"),
+            );
+        }
+    };
+    match gateway.hydrate(session).await {
+        Ok(session) => Json(session).into_response(),
+        Err(e @ HydrateError::BadSession(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e @ HydrateError::NotLinked(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(HydrateError::Failed(e)) => {
+            tracing::warn!(error = %e, "hydrator: cannot read the user");
+            let mut response = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the user store is unavailable; retry".into(),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
+    }
+}
+
+async fn forward_auth(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    // A browser may split its cookies over several headers (HTTP/2); they are one list.
+    let cookies: Vec<&str> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let cookie = cookies.join("; ");
+    let presented = Presented {
+        cookie: (!cookie.is_empty()).then_some(cookie.as_str()),
+        authorization: text("authorization"),
+        session_token: text("x-session-token"),
+        accept: text("accept"),
+    };
+    match gateway.decide(&presented).await {
+        Verdict::Allow { headers } => (StatusCode::OK, header_map(headers)).into_response(),
+        Verdict::Deny {
+            status,
+            headers,
+            body,
+        } => (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            header_map(headers),
+            body,
+        )
+            .into_response(),
+    }
+}
+
+/// The verdict's headers as response headers; a name or value HTTP cannot carry is left out
+/// (names come from the validated prefix and namespaces, values are escaped, so none is).
+fn header_map(headers: Vec<(String, String)>) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::try_from(value.as_str()),
+        ) {
+            map.insert(name, value);
+        }
+    }
+    map
+}
