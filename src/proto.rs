@@ -31,6 +31,8 @@ pub struct ResolveSessionResponse {
     pub identity: Option<api::Identity>,
     /// The linked internal user; absent when the identity has none and auto-linking is off.
     pub user: Option<api::User>,
+    /// The signed identity assertion, when asked for; empty otherwise.
+    pub assertion: String,
     /// Fields 1 and 2 already encoded ([`ResolveSessionResponse::encode_session`]); when set they
     /// are sent instead of `session` and `identity`.
     encoded_session: Option<Bytes>,
@@ -54,6 +56,7 @@ impl ResolveSessionResponse {
             session: None,
             identity: None,
             user,
+            assertion: String::new(),
             encoded_session: Some(encoded),
         }
     }
@@ -65,6 +68,7 @@ impl std::fmt::Debug for ResolveSessionResponse {
             .field("session", &self.session)
             .field("identity", &self.identity)
             .field("user", &self.user)
+            .field("assertion", &self.assertion.len())
             .field(
                 "encoded_session",
                 &self.encoded_session.as_ref().map(Bytes::len),
@@ -105,6 +109,9 @@ impl prost::Message for ResolveSessionResponse {
         if let Some(user) = &self.user {
             encoding::message::encode(3, user, buf);
         }
+        if !self.assertion.is_empty() {
+            encoding::string::encode(4, &self.assertion, buf);
+        }
     }
 
     fn merge_field(
@@ -118,6 +125,12 @@ impl prost::Message for ResolveSessionResponse {
             1 => merge_message(&mut self.session, "session", wire_type, buf, ctx),
             2 => merge_message(&mut self.identity, "identity", wire_type, buf, ctx),
             3 => merge_message(&mut self.user, "user", wire_type, buf, ctx),
+            4 => encoding::string::merge(wire_type, &mut self.assertion, buf, ctx).map_err(
+                |mut e| {
+                    e.push("ResolveSessionResponse", "assertion");
+                    e
+                },
+            ),
             _ => encoding::skip_field(wire_type, tag, buf, ctx),
         }
     }
@@ -139,6 +152,11 @@ impl prost::Message for ResolveSessionResponse {
             .user
             .as_ref()
             .map_or(0, |u| encoding::message::encoded_len(3, u))
+            + if self.assertion.is_empty() {
+                0
+            } else {
+                encoding::string::encoded_len(4, &self.assertion)
+            }
     }
 
     fn clear(&mut self) {
@@ -197,6 +215,7 @@ mod tests {
                 schema_id: "customer".into(),
                 ..Default::default()
             }),
+            assertion: "eyJhbGciOiJFZERTQSJ9.e30.c2ln".into(),
             encoded_session: None,
         }
     }
@@ -210,7 +229,8 @@ mod tests {
             plain.session.as_ref().unwrap(),
             plain.identity.as_ref().unwrap(),
         );
-        let pre = ResolveSessionResponse::with_encoded_session(encoded, plain.user.clone());
+        let mut pre = ResolveSessionResponse::with_encoded_session(encoded, plain.user.clone());
+        pre.assertion = plain.assertion.clone();
         assert_eq!(pre.encoded_len(), plain.encoded_len());
         assert_eq!(pre.encode_to_vec(), plain.encode_to_vec());
         assert_eq!(
@@ -283,13 +303,14 @@ mod tests {
             .expect("ResolveSessionResponse is in the descriptor set");
 
         let plain = sample();
-        let pre = ResolveSessionResponse::with_encoded_session(
+        let mut pre = ResolveSessionResponse::with_encoded_session(
             ResolveSessionResponse::encode_session(
                 plain.session.as_ref().unwrap(),
                 plain.identity.as_ref().unwrap(),
             ),
             plain.user.clone(),
         );
+        pre.assertion = plain.assertion.clone();
         for (form, bytes) in [
             ("fields", plain.encode_to_vec()),
             ("pre-encoded", pre.encode_to_vec()),
@@ -309,7 +330,12 @@ mod tests {
             );
             for field in &declared.field {
                 assert_eq!(field.label(), Label::Optional, "{}", field.name());
-                assert_eq!(field.r#type(), Type::Message, "{}", field.name());
+                let expected_type = if field.name() == "assertion" {
+                    Type::String
+                } else {
+                    Type::Message
+                };
+                assert_eq!(field.r#type(), expected_type, "{}", field.name());
                 let number = u32::try_from(field.number()).unwrap();
                 let (_, wire_type, payload) = sent.iter().find(|(n, _, _)| *n == number).unwrap();
                 assert_eq!(*wire_type, prost::encoding::WireType::LengthDelimited);
@@ -325,6 +351,9 @@ mod tests {
                     ),
                     ("user", ".idmap.v1.User") => {
                         assert_eq!(Some(api::User::decode(&payload[..]).unwrap()), plain.user)
+                    }
+                    ("assertion", "") => {
+                        assert_eq!(std::str::from_utf8(payload).unwrap(), plain.assertion)
                     }
                     (name, type_name) => panic!(
                         "field {name} ({type_name}, number {number}) of ResolveSessionResponse is \

@@ -103,6 +103,7 @@ async fn resolve(
     loop {
         let mut request = Request::new(ResolveSessionRequest {
             credential: Some(Credential::SessionToken(token.to_owned())),
+            ..Default::default()
         });
         request.set_timeout(Duration::from_secs(5));
         if let Some(key) = api_key {

@@ -16,9 +16,12 @@ use tokio::time::Instant;
 use crate::auth::CallerPolicy;
 use crate::cache::Caches;
 use crate::config::{
-    Config, ConfigError, ENV_DATABASE_READ_URL, ENV_DATABASE_URL, ENV_GRPC_ADDR, ENV_HTTP_ADDR,
-    ENV_TLS_CERT, ENV_TLS_CLIENT_CA, ENV_TLS_KEY, ListenerTlsFiles,
+    Config, ConfigError, ENV_ASSERTION_KEY, ENV_DATABASE_READ_URL, ENV_DATABASE_URL, ENV_GRPC_ADDR,
+    ENV_HTTP_ADDR, ENV_TLS_CERT, ENV_TLS_CLIENT_CA, ENV_TLS_KEY, ListenerTlsFiles,
 };
+use secrecy::ExposeSecret;
+
+use crate::assertion::AssertionKeys;
 use crate::gateway::Gateway;
 use crate::grpc::CallerAuth;
 use crate::jobs::Jobs;
@@ -84,13 +87,27 @@ impl App {
         let ory = KratosClient::new(config.ory.clone()).context("cannot build the Ory client")?;
         let outbox_wakeup = Arc::new(Notify::new());
         let caches = Arc::new(Caches::new(config.cache.clone()).shared_through(store.clone()));
-        let mapper = Arc::new(IdentityMapper::new(
-            store.clone(),
-            ory.clone(),
-            config.service.clone(),
-            caches,
-            outbox_wakeup.clone(),
-        ));
+        let assertion_keys = match &config.assertion_keys {
+            Some(pem) => Some(Arc::new(
+                AssertionKeys::from_pem_bundle(pem.expose_secret()).map_err(|e| {
+                    ConfigError::Unusable {
+                        setting: ENV_ASSERTION_KEY,
+                        problem: e.to_string(),
+                    }
+                })?,
+            )),
+            None => None,
+        };
+        let mapper = Arc::new(
+            IdentityMapper::new(
+                store.clone(),
+                ory.clone(),
+                config.service.clone(),
+                caches,
+                outbox_wakeup.clone(),
+            )
+            .with_assertion_keys(assertion_keys),
+        );
         let gateway = Arc::new(Gateway::new(mapper.clone(), config.gateway.clone()));
         Ok(Self {
             config,

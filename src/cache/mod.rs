@@ -45,6 +45,14 @@ pub enum CachedSession {
 /// caller that needs them; the cache never reads them.
 pub type Rendering = Arc<OnceLock<Bytes>>;
 
+/// A signed assertion kept with a cache entry, with the user state it was signed for (the user's
+/// id and `updated_at`): hits reuse it until that user changes, so signing costs once per session
+/// per TTL rather than once per request.
+pub type AssertionSlot = Arc<std::sync::RwLock<Option<(AssertedUser, Arc<str>)>>>;
+
+/// What an assertion in an [`AssertionSlot`] was signed for.
+pub type AssertedUser = (crate::domain::UserId, chrono::DateTime<chrono::Utc>);
+
 /// A cache entry: the answer and how long it may be served.
 #[derive(Debug)]
 pub struct SessionEntry {
@@ -54,6 +62,7 @@ pub struct SessionEntry {
     /// may not pass).
     pub served_until: std::time::SystemTime,
     pub rendering: Rendering,
+    pub assertion: AssertionSlot,
     /// The session-eviction epoch its load started in.
     epoch: u64,
     /// When a hit should start re-validating it in the background (refresh ahead); `None` for
@@ -70,6 +79,7 @@ impl Clone for SessionEntry {
             fresh_for: self.fresh_for,
             served_until: self.served_until,
             rendering: self.rendering.clone(),
+            assertion: self.assertion.clone(),
             epoch: self.epoch,
             refresh_at: self.refresh_at,
             refreshing: AtomicBool::new(self.refreshing.load(Ordering::Relaxed)),
@@ -104,6 +114,7 @@ impl SessionEntry {
             fresh_for,
             served_until: std::time::SystemTime::now() + fresh_for,
             rendering: Rendering::default(),
+            assertion: AssertionSlot::default(),
             epoch: 0,
             refresh_at,
             refreshing: AtomicBool::new(false),

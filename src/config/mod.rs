@@ -28,6 +28,7 @@ pub const ENV_TLS_KEY: &str = "IDMAP_TLS_KEY";
 pub const ENV_TLS_CLIENT_CA: &str = "IDMAP_TLS_CLIENT_CA";
 pub const ENV_ORY_PUBLIC_URL: &str = "ORY_PUBLIC_URL";
 pub const ENV_ORY_EXTERNAL_ID_NAMESPACE: &str = "IDMAP_ORY_EXTERNAL_ID_NAMESPACE";
+pub const ENV_ASSERTION_KEY: &str = "IDMAP_ASSERTION_KEY";
 pub const ENV_ORY_ADMIN_URL: &str = "ORY_ADMIN_URL";
 pub const ENV_ORY_API_KEY: &str = "ORY_API_KEY";
 pub const ENV_WEBHOOK_SECRET: &str = "IDMAP_WEBHOOK_SECRET";
@@ -206,6 +207,26 @@ fn parse_header_name(value: &str) -> Result<HeaderName, InvalidValue> {
     HeaderName::from_bytes(value.trim().as_bytes()).map_err(|_| {
         InvalidValue::from("must be an HTTP header name, such as Authorization or X-Idmap-Secret")
     })
+}
+
+/// The PEM text of IDMAP_ASSERTION_KEY: the value itself when it holds PEM, else the files it
+/// names (comma-separated), concatenated in order. The keys themselves are checked at start-up.
+fn parse_assertion_keys(value: &str) -> Result<SecretString, InvalidValue> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Err("must not be empty when set".into());
+    }
+    if value.contains("-----BEGIN") {
+        return Ok(SecretString::from(value.to_owned()));
+    }
+    let mut bundle = String::new();
+    for path in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| InvalidValue::from(format!("cannot read the key file {path}: {e}")))?;
+        bundle.push_str(&text);
+        bundle.push('\n');
+    }
+    Ok(SecretString::from(bundle))
 }
 
 fn parse_header_prefix(value: &str) -> Result<String, InvalidValue> {
@@ -427,6 +448,12 @@ pub struct CommonArgs {
     #[arg(long, env = ENV_WEBHOOK_HEADER, value_name = ENV_WEBHOOK_HEADER, default_value = DEFAULT_HEADER, value_parser = parse_header_name)]
     pub webhook_header: HeaderName,
 
+    /// Signing keys of identity assertions (`x-idmap-assertion`, JWKS at `/.well-known/jwks.json`):
+    /// PEM Ed25519 or P-256 private keys, either the PEM text itself or paths to PEM files separated
+    /// by commas. Several keys for rotation: the first signs, all are published. Never logged.
+    #[arg(long, env = ENV_ASSERTION_KEY, value_name = ENV_ASSERTION_KEY, hide_env_values = true, value_parser = parse_assertion_keys)]
+    pub assertion_key: Option<SecretString>,
+
     /// Where a gateway sends a browser without a session (a 303 instead of a 401), e.g. the
     /// login page of Ory's account experience. Unset: browsers get the 401 too.
     #[arg(
@@ -589,6 +616,8 @@ pub struct Config {
     pub hooks: HookSettings,
     /// What gateways (Envoy ext_authz, HTTP forward-auth) are told.
     pub gateway: GatewaySettings,
+    /// The PEM text of the assertion signing keys (IDMAP_ASSERTION_KEY), if set.
+    pub assertion_keys: Option<SecretString>,
     pub pending_users: PendingSettings,
     pub callers: CallerSettings,
     pub grpc: GrpcSettings,
@@ -693,6 +722,7 @@ impl Config {
                 secret: common.webhook_secret,
                 header: common.webhook_header,
             },
+            assertion_keys: common.assertion_key,
             gateway: GatewaySettings {
                 login_url: common.gateway_login_url,
                 allow_anonymous: common.gateway_allow_anonymous,

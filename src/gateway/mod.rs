@@ -86,6 +86,12 @@ impl Gateway {
         }
     }
 
+    /// The public keys upstreams verify assertions with (`/.well-known/jwks.json`); `None` when
+    /// assertions are off.
+    pub fn jwks(&self) -> Option<serde_json::Value> {
+        self.mapper.assertion_keys().map(|keys| keys.jwks())
+    }
+
     /// Whether a request header (lower case) is one this gateway sets, so that a copy the client
     /// sent must be removed before the request goes upstream: it could only be a forgery.
     pub fn is_identity_header(&self, name: &str) -> bool {
@@ -116,9 +122,13 @@ impl Gateway {
             Err(_) => return self.unauthenticated(presented, "the session is not valid"),
         };
         match self.mapper.resolve_session(&credential).await {
-            Ok(resolved) => Verdict::Allow {
-                headers: self.identity_headers(&resolved),
-            },
+            Ok(resolved) => {
+                let mut headers = self.identity_headers(&resolved);
+                if let Some(assertion) = self.mapper.assertion(&resolved) {
+                    headers.push((ASSERTION_HEADER.to_owned(), assertion.to_string()));
+                }
+                Verdict::Allow { headers }
+            }
             Err(Error::Unauthenticated { .. } | Error::InvalidArgument(_)) => {
                 self.unauthenticated(presented, "the session is not valid")
             }

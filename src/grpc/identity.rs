@@ -30,7 +30,10 @@ impl IdentityService for IdentityApi {
         request: Request<api::ResolveSessionRequest>,
     ) -> Result<Response<api::ResolveSessionResponse>, Status> {
         let (metadata, _, message) = request.into_parts();
-        let api::ResolveSessionRequest { credential } = message;
+        let api::ResolveSessionRequest {
+            credential,
+            include_assertion,
+        } = message;
         let work = async {
             let credential = match credential {
                 Some(api::resolve_session_request::Credential::SessionToken(token)) => {
@@ -56,12 +59,14 @@ impl IdentityService for IdentityApi {
                 &(&resolved.session.identity).into(),
             )
         });
-        Ok(Response::new(
-            api::ResolveSessionResponse::with_encoded_session(
-                encoded.clone(),
-                resolved.user.as_deref().map(Into::into),
-            ),
-        ))
+        let mut response = api::ResolveSessionResponse::with_encoded_session(
+            encoded.clone(),
+            resolved.user.as_deref().map(Into::into),
+        );
+        if include_assertion && let Some(assertion) = self.mapper.assertion(&resolved) {
+            response.assertion = assertion.to_string();
+        }
+        Ok(Response::new(response))
     }
 
     async fn get_user_by_ory_id(

@@ -22,6 +22,7 @@ const MAX_SESSION_BYTES: usize = 256 * 1024;
 pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/gateway/auth", get(forward_auth))
+        .route("/.well-known/jwks.json", get(jwks))
         .route(
             "/gateway/oathkeeper/hydrate",
             post(hydrate).layer(DefaultBodyLimit::max(MAX_SESSION_BYTES)),
@@ -65,6 +66,26 @@ async fn hydrate(State(gateway): State<Arc<Gateway>>, body: Bytes) -> Response {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             response
         }
+    }
+}
+
+/// The public keys of signed identity assertions; 404 when the server signs none.
+async fn jwks(State(gateway): State<Arc<Gateway>>) -> Response {
+    match gateway.jwks() {
+        // Upstreams may cache the keys briefly; a rotation publishes the new key before it signs.
+        Some(keys) => (
+            [(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("max-age=300"),
+            )],
+            Json(keys),
+        )
+            .into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            "this server signs no assertions (IDMAP_ASSERTION_KEY is unset)",
+        )
+            .into_response(),
     }
 }
 

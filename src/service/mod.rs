@@ -1,6 +1,7 @@
 //! The use cases the gRPC layer calls: resolve a session, look a user up, link an identity. They
 //! orchestrate the store and Ory and own the decisions; they know nothing of protobuf, SQL or HTTP.
 
+mod assert;
 mod external_ids;
 mod invalidate;
 mod link;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
+use crate::assertion::AssertionKeys;
 use crate::cache::Caches;
 use crate::cache::invalidation::{Eviction, Invalidator};
 use crate::config::ServiceSettings;
@@ -36,6 +38,8 @@ pub struct IdentityMapper {
     /// Wakes the local outbox worker after a commit that queued an Ory write, so the write usually
     /// lands well within a second instead of waiting for the next poll.
     outbox_wakeup: Arc<Notify>,
+    /// The keys signed identity assertions are made with (IDMAP_ASSERTION_KEY), if any.
+    assertion_keys: Option<Arc<AssertionKeys>>,
 }
 
 impl IdentityMapper {
@@ -54,7 +58,14 @@ impl IdentityMapper {
             caches,
             invalidator,
             outbox_wakeup,
+            assertion_keys: None,
         }
+    }
+
+    /// Signs identity assertions with `keys` (the first signs; all are published as JWKS).
+    pub fn with_assertion_keys(mut self, keys: Option<Arc<AssertionKeys>>) -> Self {
+        self.assertion_keys = keys;
+        self
     }
 
     pub fn settings(&self) -> &ServiceSettings {

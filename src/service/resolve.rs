@@ -4,7 +4,9 @@ use std::time::Duration;
 use super::IdentityMapper;
 use super::LinkError;
 use crate::cache::invalidation::Eviction;
-use crate::cache::{CachedSession, Rendering, SessionEntry, SessionKey, session_ttl};
+use crate::cache::{
+    AssertionSlot, CachedSession, Rendering, SessionEntry, SessionKey, session_ttl,
+};
 use crate::domain::{Credential, LinkConflict, LinkRequest, SessionWithIdentity, User};
 use crate::error::Error;
 use crate::metrics::{self, CacheName, CacheResult};
@@ -25,6 +27,8 @@ pub struct Resolved {
     pub rendering: Rendering,
     /// When the cache stops serving this answer (now, when the session cache is off).
     pub served_until: std::time::SystemTime,
+    /// The entry's signed assertion, once one is made ([`IdentityMapper::assertion`]).
+    pub assertion: AssertionSlot,
 }
 
 impl IdentityMapper {
@@ -48,6 +52,7 @@ impl IdentityMapper {
         };
         let rendering = entry.rendering.clone();
         let served_until = entry.served_until;
+        let assertion = entry.assertion.clone();
         let whoami = match &entry.value {
             CachedSession::Valid(session) => session.clone(),
             CachedSession::Invalid => return Err(OryError::Unauthenticated.into()),
@@ -90,6 +95,7 @@ impl IdentityMapper {
             user,
             rendering,
             served_until,
+            assertion,
         })
     }
 

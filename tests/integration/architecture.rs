@@ -20,7 +20,14 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
     (
         "service",
         &[
-            "cache", "config", "domain", "error", "metrics", "ory", "store",
+            "assertion",
+            "cache",
+            "config",
+            "domain",
+            "error",
+            "metrics",
+            "ory",
+            "store",
         ],
     ),
     ("jobs", &["domain", "error", "ory", "service", "store"]),
@@ -59,8 +66,20 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
     (
         "app",
         &[
-            "auth", "cache", "config", "gateway", "grpc", "http", "jobs", "ory", "proto",
-            "service", "store", "tls", "worker",
+            "assertion",
+            "auth",
+            "cache",
+            "config",
+            "gateway",
+            "grpc",
+            "http",
+            "jobs",
+            "ory",
+            "proto",
+            "service",
+            "store",
+            "tls",
+            "worker",
         ],
     ),
     (

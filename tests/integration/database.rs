@@ -19,6 +19,7 @@ async fn database_outage_is_unavailable_and_idmap_recovers() {
     };
     let resolve = ResolveSessionRequest {
         credential: Some(Credential::SessionToken(session.token.clone())),
+        ..Default::default()
     };
     let link = LinkIdentityRequest {
         ory_identity_id: identity_id.to_string(),
@@ -105,6 +106,7 @@ async fn postgres_restarted_under_load_costs_only_what_needs_it() {
     let session = ory.create_session(person, kratos_emulator::NewSession::default());
     let resolve = ResolveSessionRequest {
         credential: Some(Credential::SessionToken(session.token.clone())),
+        ..Default::default()
     };
     client.resolve_session(resolve.clone()).await.unwrap();
     let unknown = GetByExternalIdRequest {

@@ -397,3 +397,154 @@ async fn the_oathkeeper_hydrator_adds_the_user_without_asking_ory() {
 fn identity_of_new_customer(env: &Env) -> String {
     identity(&env.ory, "customer", "not-linked@example.com").to_string()
 }
+
+/// Test-only keys (`openssl genpkey`): a P-256 key that signs, and an Ed25519 key still published
+/// for tokens signed before a rotation.
+const P256_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgrFayhrTVvLR5cL3v
+3oY5UweUHg0lwTyRYdbYmolTtEKhRANCAAQ5O1fScaf3gG77+oVfAVNQujeBnmXo
+h3uIPPZzR4SvPjwGfx9eYCMbZhfWlmq5nmsiL69d/dOINlaK39fn0x/7
+-----END PRIVATE KEY-----
+";
+const ED25519_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MC4CAQAwBQYDK2VwBCIEIOSCPl4K2iHIjFiRZALEWXruIPeH1SXxCYqbjvuvDHSC
+-----END PRIVATE KEY-----
+";
+
+async fn served_jwks(env: &Env) -> serde_json::Value {
+    let answer = reqwest::get(format!(
+        "http://{}/.well-known/jwks.json",
+        env.server.http_addr
+    ))
+    .await
+    .unwrap();
+    assert_eq!(answer.status(), 200);
+    answer.json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_requests_carry_an_assertion_that_verifies_against_the_served_jwks() {
+    use idmap::assertion::{AssertionError, verify};
+    use idmap::proto::api::ResolveSessionRequest;
+    use idmap::proto::api::resolve_session_request::Credential;
+    let env = Env::with(|c| {
+        c.assertion_keys = Some(format!("{P256_KEY}{ED25519_KEY}").into());
+        c.cache.session_ttl = std::time::Duration::from_secs(120);
+    })
+    .await;
+    let (identity, session) = env.customer("asserted@example.com");
+    let jwks = served_jwks(&env).await;
+    assert_eq!(
+        jwks["keys"].as_array().unwrap().len(),
+        2,
+        "both keys are published"
+    );
+    assert_eq!(jwks["keys"][0]["alg"], "ES256", "the first key signs");
+
+    let (set, remove) = allowed(
+        &check(
+            &env,
+            &[
+                ("x-session-token", &session.token),
+                ("x-idmap-assertion", "forged"),
+            ],
+        )
+        .await,
+    );
+    assert_eq!(remove, ["x-idmap-assertion"]);
+    let assertion = &set["x-idmap-assertion"];
+    let now = chrono::Utc::now();
+    let claims = verify(&jwks, assertion, now).expect("the assertion verifies");
+    let user = env.db.user_of(identity).await.to_string();
+    assert_eq!(claims.sub, user);
+    assert_eq!(claims.ory_identity_id, identity.to_string());
+    assert_eq!(claims.ory_session_id, session.id.to_string());
+    assert_eq!(claims.iss, "idmap");
+    // Valid no longer than idmap serves its cached answer for the session.
+    assert!(
+        claims.exp <= (now + chrono::Duration::seconds(121)).timestamp(),
+        "{claims:?}"
+    );
+    assert!(claims.exp > now.timestamp());
+
+    // Tampered: another user's id in the payload, or a changed signature.
+    let parts: Vec<&str> = assertion.split('.').collect();
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut payload: serde_json::Value =
+        serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
+    payload["sub"] = json!(uuid::Uuid::new_v4().to_string());
+    let forged = format!(
+        "{}.{}.{}",
+        parts[0],
+        b64.encode(serde_json::to_vec(&payload).unwrap()),
+        parts[2]
+    );
+    assert!(matches!(
+        verify(&jwks, &forged, now),
+        Err(AssertionError::BadSignature)
+    ));
+    let mut signature = b64.decode(parts[2]).unwrap();
+    signature[0] ^= 1;
+    let resigned = format!("{}.{}.{}", parts[0], parts[1], b64.encode(signature));
+    assert!(verify(&jwks, &resigned, now).is_err());
+    // Past its exp it no longer verifies.
+    assert!(verify(&jwks, assertion, now + chrono::Duration::seconds(600)).is_err());
+
+    // The same assertion is reused while the cached answer and the user are unchanged, and a
+    // change to the user's ids is in the next one.
+    let (again, _) = allowed(&check(&env, &[("x-session-token", &session.token)]).await);
+    assert_eq!(&again["x-idmap-assertion"], assertion);
+    env.client()
+        .set_external_id(SetExternalIdRequest {
+            subject: Some(set_external_id_request::Subject::OryIdentityId(
+                identity.to_string(),
+            )),
+            namespace: "crm".into(),
+            value: "c-9".into(),
+            replace: false,
+        })
+        .await
+        .unwrap();
+    let (changed, _) = allowed(&check(&env, &[("x-session-token", &session.token)]).await);
+    let claims = verify(&jwks, &changed["x-idmap-assertion"], chrono::Utc::now()).unwrap();
+    assert_eq!(claims.external_ids["crm"], "c-9");
+
+    // ResolveSession returns it when asked, and only then.
+    let mut client = env.client();
+    let asked = client
+        .resolve_session(ResolveSessionRequest {
+            credential: Some(Credential::SessionToken(session.token.clone())),
+            include_assertion: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        verify(&jwks, &asked.assertion, chrono::Utc::now())
+            .unwrap()
+            .sub,
+        user
+    );
+    let plain = client
+        .resolve_session(token(&session.token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(plain.assertion.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_assertion_key_no_assertion_is_made_and_no_jwks_served() {
+    let env = Env::new().await;
+    let (_, session) = env.customer("unsigned@example.com");
+    let (set, _) = allowed(&check(&env, &[("x-session-token", &session.token)]).await);
+    assert!(!set.contains_key("x-idmap-assertion"));
+    let answer = reqwest::get(format!(
+        "http://{}/.well-known/jwks.json",
+        env.server.http_addr
+    ))
+    .await
+    .unwrap();
+    assert_eq!(answer.status(), 404);
+}

@@ -55,6 +55,7 @@ async fn a_whoami_answer_in_kratos_own_serialisation_resolves() {
             credential: Some(Credential::SessionToken(
                 "ory_st_fixturefixturefixturefixture".into(),
             )),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -162,6 +163,7 @@ async fn a_whoami_answer_that_says_inactive_is_refused() {
             credential: Some(Credential::SessionToken(
                 "ory_st_inactiveinactiveinactive".into(),
             )),
+            ..Default::default()
         })
         .await
         .unwrap_err();

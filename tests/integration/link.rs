@@ -82,6 +82,7 @@ async fn new_users_start_in_their_identitys_state() {
             credential: Some(
                 idmap::proto::api::resolve_session_request::Credential::SessionToken(session.token),
             ),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -22,6 +22,7 @@ mod kubernetes;
 mod link;
 mod lookup;
 mod metrics;
+mod nginx;
 mod ory_urls;
 mod outbox;
 mod resolve;

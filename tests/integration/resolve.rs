@@ -13,6 +13,7 @@ use crate::common::*;
 fn cookie(c: &str) -> ResolveSessionRequest {
     ResolveSessionRequest {
         credential: Some(Credential::Cookie(c.to_owned())),
+        ..Default::default()
     }
 }
 
@@ -230,7 +231,13 @@ async fn resolve_bad_input_is_invalid_argument_and_never_reaches_ory() {
     let env = Env::new().await;
     let mut client = env.client();
     let cases = [
-        (ResolveSessionRequest { credential: None }, "credential"),
+        (
+            ResolveSessionRequest {
+                credential: None,
+                ..Default::default()
+            },
+            "credential",
+        ),
         (token(""), "session_token"),
         (token("ory_st_has space"), "session_token"),
         (token(&"a".repeat(5000)), "session_token"),

@@ -138,6 +138,7 @@ async fn shutdown_turns_health_not_serving_and_lets_in_flight_calls_finish() {
         client
             .resolve_session(ResolveSessionRequest {
                 credential: Some(Credential::SessionToken(session.token)),
+                ..Default::default()
             })
             .await
     });
@@ -221,6 +222,7 @@ async fn deadline_shorter_than_ory_is_deadline_exceeded() {
     );
     let mut request = tonic::Request::new(ResolveSessionRequest {
         credential: Some(Credential::SessionToken(session.token)),
+        ..Default::default()
     });
     request.set_timeout(Duration::from_millis(1000));
     let err = env.client().resolve_session(request).await.unwrap_err();

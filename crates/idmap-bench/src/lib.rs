@@ -619,6 +619,7 @@ fn resolve(clients: Arc<Vec<Client>>, tokens: Arc<Vec<String>>, once: bool) -> M
         boxed(async move {
             c.resolve_session(api::ResolveSessionRequest {
                 credential: Some(resolve_session_request::Credential::SessionToken(token)),
+                ..Default::default()
             })
             .await?;
             Ok(())
@@ -1193,6 +1194,7 @@ async fn coalesce(
                 let r = c
                     .resolve_session(api::ResolveSessionRequest {
                         credential: Some(resolve_session_request::Credential::SessionToken(token)),
+                        ..Default::default()
                     })
                     .await;
                 (t0.elapsed(), r.is_ok())

@@ -143,6 +143,7 @@ fn routed_resolve(rotation: Rotation, tokens: Arc<Vec<String>>, replicas: usize)
             client
                 .resolve_session(api::ResolveSessionRequest {
                     credential: Some(resolve_session_request::Credential::SessionToken(token)),
+                    ..Default::default()
                 })
                 .await
                 .map_err(|status| naming(status, &replica_name(replica, replicas)))?;

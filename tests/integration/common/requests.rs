@@ -9,6 +9,7 @@ use uuid::Uuid;
 pub fn token(t: &str) -> ResolveSessionRequest {
     ResolveSessionRequest {
         credential: Some(Credential::SessionToken(t.to_owned())),
+        ..Default::default()
     }
 }
 
@@ -16,6 +17,7 @@ pub fn token(t: &str) -> ResolveSessionRequest {
 pub fn cookie(c: &str) -> ResolveSessionRequest {
     ResolveSessionRequest {
         credential: Some(Credential::Cookie(c.to_owned())),
+        ..Default::default()
     }
 }
 
