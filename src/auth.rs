@@ -29,6 +29,14 @@ pub const RPCS: [&str; 10] = [
     "Check",
 ];
 
+/// The HTTP gateway routes a caller can be granted, by their paths: the forward-auth route
+/// and Oathkeeper's hydrator. Their callers present a key in [`GATEWAY_KEY_HEADER`], since the
+/// request's own `Authorization` header is the end user's.
+pub const GATEWAY_ROUTES: [&str; 2] = ["/gateway/auth", "/gateway/oathkeeper/hydrate"];
+
+/// The header an HTTP gateway caller sends its API key in (the raw key, as in `Bearer <key>`).
+pub const GATEWAY_KEY_HEADER: &str = "x-idmap-api-key";
+
 /// An identified caller, as logs and metrics name it. Never a secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
@@ -243,12 +251,17 @@ impl Callers {
             } else {
                 let mut granted = Vec::new();
                 for rpc in &caller.rpcs {
-                    match RPCS.iter().find(|known| *known == rpc) {
+                    match RPCS
+                        .iter()
+                        .chain(GATEWAY_ROUTES.iter())
+                        .find(|known| *known == rpc)
+                    {
                         Some(known) => granted.push(*known),
                         None => {
                             return Err(fail(format!(
-                                "unknown RPC {rpc:?} (known: {}, or \"*\")",
-                                RPCS.join(", ")
+                                "unknown RPC {rpc:?} (known: {}, the gateway routes {}, or \"*\")",
+                                RPCS.join(", "),
+                                GATEWAY_ROUTES.join(", ")
                             )));
                         }
                     }

@@ -169,7 +169,8 @@ impl App {
                 "IDMAP_ALLOW_ANY_CALLER: any caller that reaches the gRPC port may call every RPC"
             );
         }
-        let auth = CallerAuth::new(policy, self.config.callers.trusted_header);
+        let policy = Arc::new(policy);
+        let auth = CallerAuth::new(policy.clone(), self.config.callers.trusted_header);
         let server = GrpcServer::build(
             self.mapper.clone(),
             self.gateway.clone(),
@@ -177,7 +178,7 @@ impl App {
             &self.config.grpc,
         )
         .await?;
-        let background = Background::start(&self, http).await?;
+        let background = Background::start(&self, http, policy).await?;
         if let Some(tls) = &self.tls {
             let draining = background.draining.clone();
             tokio::spawn(

@@ -1,6 +1,7 @@
 //! The background work beside the gRPC server, started before it serves and stopped within the
 //! grace period after it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -10,6 +11,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::App;
+use crate::auth::CallerPolicy;
 use crate::worker::outbox::OutboxWorker;
 use crate::worker::pending_sweep::PendingSweeper;
 
@@ -34,7 +36,11 @@ pub(super) struct Background {
 impl Background {
     /// Starts every task. Returns once the invalidation listener is in place: until other
     /// replicas' evictions reach this one, it could serve what they have evicted.
-    pub async fn start(app: &App, http: TcpListener) -> anyhow::Result<Self> {
+    pub async fn start(
+        app: &App,
+        http: TcpListener,
+        policy: Arc<CallerPolicy>,
+    ) -> anyhow::Result<Self> {
         let stop = CancellationToken::new();
         let stop_worker = stop.child_token();
         let draining = CancellationToken::new();
@@ -72,7 +78,7 @@ impl Background {
             http,
             app.store.clone(),
             crate::http::hooks::router(app.mapper.clone(), &app.config.hooks)
-                .merge(crate::http::gateway::router(app.gateway.clone())),
+                .merge(crate::http::gateway::router(app.gateway.clone(), policy)),
             draining.clone(),
             app.config.http.clone(),
             app.tls.clone(),

@@ -27,10 +27,10 @@ pub struct CallerAuth {
 }
 
 impl CallerAuth {
-    pub fn new(policy: CallerPolicy, trusted_header: Option<TrustedHeader>) -> Self {
+    pub fn new(policy: Arc<CallerPolicy>, trusted_header: Option<TrustedHeader>) -> Self {
         Self {
             counters: Arc::new(CallerCounters::new(&policy)),
-            policy: Arc::new(policy),
+            policy,
             trusted_header,
         }
     }

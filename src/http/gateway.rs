@@ -6,28 +6,74 @@
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 
+use crate::auth::{Access, CallerPolicy, Denied, Evidence, GATEWAY_KEY_HEADER};
 use crate::gateway::{Gateway, HydrateError, Presented, Verdict};
 
 /// The largest authentication session the hydrator reads: Oathkeeper's holds the request's
 /// headers and the authenticator's extra data, far below this.
 const MAX_SESSION_BYTES: usize = 256 * 1024;
 
-pub fn router(gateway: Arc<Gateway>) -> Router {
-    Router::new()
+/// The gateway routes, behind the callers file where one is in use (a gateway is a caller
+/// granted the route's path, presenting its key in `x-idmap-api-key`), and the public JWKS.
+pub fn router(gateway: Arc<Gateway>, policy: Arc<CallerPolicy>) -> Router {
+    let gated = Router::new()
         .route("/gateway/auth", get(forward_auth))
-        .route("/.well-known/jwks.json", get(jwks))
         .route(
             "/gateway/oathkeeper/hydrate",
             post(hydrate).layer(DefaultBodyLimit::max(MAX_SESSION_BYTES)),
         )
+        .layer(middleware::from_fn(move |request: Request, next: Next| {
+            authorize(policy.clone(), request, next)
+        }));
+    Router::new()
+        .route("/.well-known/jwks.json", get(jwks))
+        .merge(gated)
         .with_state(gateway)
+}
+
+/// Lets a gateway route's request through only for a caller the policy grants that route. A
+/// refusal is a 403 either way (an unknown caller or one without the grant): a 401 would read to
+/// nginx as "no session" and send the user to log in, while this is the operator's to fix.
+async fn authorize(policy: Arc<CallerPolicy>, request: Request, next: Next) -> Response {
+    let key = request
+        .headers()
+        .get(GATEWAY_KEY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let path = request.uri().path().to_owned();
+    let evidence = || Evidence {
+        api_key: key.as_deref(),
+        ..Evidence::default()
+    };
+    match policy.authorize(Access::Rpc(&path), evidence) {
+        Ok(_) => next.run(request).await,
+        Err(denied) => {
+            let reason = match &denied {
+                Denied::Unauthenticated { .. } => "CALLER_UNAUTHENTICATED",
+                Denied::NotAllowed { .. } => "CALLER_NOT_ALLOWED",
+            };
+            tracing::warn!(
+                path,
+                reason,
+                "gateway route refused: the caller is not granted it"
+            );
+            (
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{reason}: this gateway is not a caller granted {path} (see IDMAP_CALLERS)"
+                ),
+            )
+                .into_response()
+        }
+    }
 }
 
 /// `POST /gateway/oathkeeper/hydrate`: Oathkeeper's hydrator mutator. 200 with the session and

@@ -51,6 +51,7 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
     (
         "http",
         &[
+            "auth",
             "config",
             "domain",
             "error",

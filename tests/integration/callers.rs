@@ -18,6 +18,7 @@ use crate::common::*;
 pub(crate) const FRONT_KEY: &str = "front-end-key-0123456789abcdef";
 pub(crate) const OFFICE_KEY: &str = "back-office-key-0123456789abcdef";
 const EDGE_KEY: &str = "edge-gateway-key-0123456789abcdef";
+const NGINX_KEY: &str = "nginx-gateway-key-0123456789abcdef";
 const BFF: &str = "spiffe://cluster.local/ns/web/sa/bff";
 const LINKERD_BFF: &str = "bff.web.serviceaccount.identity.linkerd.cluster.local";
 
@@ -52,10 +53,16 @@ rpcs = ["*"]
 name = "edge"
 api_key_sha256 = ["{edge}"]
 rpcs = ["Check"]
+
+[[callers]]
+name = "nginx"
+api_key_sha256 = ["{nginx}"]
+rpcs = ["/gateway/auth"]
 "#,
             front = sha(FRONT_KEY),
             office = sha(OFFICE_KEY),
             edge = sha(EDGE_KEY),
+            nginx = sha(NGINX_KEY),
         ),
     )
     .unwrap();
@@ -290,4 +297,41 @@ async fn a_gateway_is_a_caller_granted_check() {
         .await
         .unwrap_err();
     assert_eq!(error_info(&err).0, "CALLER_NOT_ALLOWED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_gateway_routes_follow_the_callers_file() {
+    let env = env_with_callers(None).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", env.server.http_addr);
+    let auth = |key: Option<&str>| {
+        let mut request = http.get(format!("{base}/gateway/auth"));
+        if let Some(key) = key {
+            request = request.header("x-idmap-api-key", key);
+        }
+        request
+    };
+    // Without a key, or with a key not granted the route: refused before any decision.
+    assert_eq!(auth(None).send().await.unwrap().status(), 403);
+    assert_eq!(auth(Some(EDGE_KEY)).send().await.unwrap().status(), 403);
+    // Granted: the request is decided (no session here: 401).
+    assert_eq!(auth(Some(NGINX_KEY)).send().await.unwrap().status(), 401);
+    let hydrate = |key: &str| {
+        http.post(format!("{base}/gateway/oathkeeper/hydrate"))
+            .header("x-idmap-api-key", key)
+            .json(&serde_json::json!({"subject": ""}))
+            .send()
+    };
+    assert_eq!(hydrate(NGINX_KEY).await.unwrap().status(), 403);
+    assert_eq!(hydrate(OFFICE_KEY).await.unwrap().status(), 200);
+    // The JWKS is public: upstreams fetch it without being callers.
+    assert_eq!(
+        http.get(format!("{base}/.well-known/jwks.json"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404,
+        "no assertion key in this test, but not refused as a caller"
+    );
 }
