@@ -134,6 +134,17 @@ fn print_banner(
             "  grpcurl -plaintext -d '{{\"external_id\":\"crm-1001\"}}' {host} idmap.v1.IdentityService/GetByExternalId\n"
         ));
         out.push_str(&format!(
+            "  grpcurl -plaintext -d '{{\"ory_identity_id\":\"{}\",\"namespace\":\"billing\",\"value\":\"cus_1001\"}}' {host} idmap.v1.IdentityService/SetExternalId\n",
+            first.identity_id
+        ));
+        out.push_str(&format!(
+            "  grpcurl -plaintext -d '{{\"namespace\":\"billing\",\"external_id\":\"cus_1001\"}}' {host} idmap.v1.IdentityService/GetByExternalId\n"
+        ));
+        out.push_str(&format!(
+            "  grpcurl -plaintext -d '{{\"attributes\":{{\"request\":{{\"http\":{{\"headers\":{{\"cookie\":\"ory_kratos_session={}\"}}}}}}}}}}' {host} envoy.service.auth.v3.Authorization/Check   # what Envoy asks; the answer's headers go upstream\n",
+            first.cookie
+        ));
+        out.push_str(&format!(
             "  curl -s {}/admin/identities/{}   # metadata_public.id holds the user id once linked\n",
             emulator.url(),
             first.identity_id
