@@ -92,19 +92,23 @@ impl Gateway {
         self.mapper.assertion_keys().map(|keys| keys.jwks())
     }
 
-    /// Whether a request header (lower case) is one this gateway sets, so that a copy the client
+    /// Whether a request header (any case) is one this gateway sets, so that a copy the client
     /// sent must be removed before the request goes upstream: it could only be a forgery.
     pub fn is_identity_header(&self, name: &str) -> bool {
         let n = &self.names;
-        name == n.user_id
-            || name == n.identity_id
-            || name == n.session_id
-            || name == n.aal
-            || name == n.state
-            || name == ASSERTION_HEADER
+        let is = |known: &str| name.eq_ignore_ascii_case(known);
+        is(&n.user_id)
+            || is(&n.identity_id)
+            || is(&n.session_id)
+            || is(&n.aal)
+            || is(&n.state)
+            || is(ASSERTION_HEADER)
             || name
-                .strip_prefix(n.external_id.as_str())
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+                .get(..n.external_id.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(&n.external_id))
+                && name
+                    .get(n.external_id.len()..)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
     }
 
     /// Decides on one request.

@@ -34,12 +34,7 @@ impl Authorization for ExtAuthz {
     ) -> Result<Response<CheckResponse>, Status> {
         let request = request.into_inner();
         let headers = client_headers(&request);
-        let find = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| *v)
-        };
+        let find = |name: &str| headers.get(name);
         let presented = Presented {
             cookie: find("cookie"),
             authorization: find("authorization"),
@@ -52,9 +47,9 @@ impl Authorization for ExtAuthz {
                 // Every copy the client sent of a header idmap sets goes, even where idmap sets
                 // none this time (an anonymous request, a namespace this user lacks).
                 let headers_to_remove = headers
-                    .iter()
-                    .map(|(name, _)| name.to_ascii_lowercase())
+                    .names()
                     .filter(|name| self.gateway.is_identity_header(name))
+                    .map(str::to_ascii_lowercase)
                     .collect();
                 CheckResponse {
                     status: Some(rpc::Status {
@@ -95,40 +90,68 @@ impl Authorization for ExtAuthz {
     }
 }
 
-/// The client request's headers, from the map Envoy fills by default or, when Envoy sends raw
-/// headers (`encode_raw_headers`), from the header list.
-fn client_headers(request: &CheckRequest) -> Vec<(&str, &str)> {
+/// The client request's headers as Envoy sends them: the map it fills by default (names lower
+/// case, repeated headers joined), or, with `encode_raw_headers`, the header list.
+enum ClientHeaders<'a> {
+    Map(&'a std::collections::HashMap<String, String>),
+    List(Vec<(&'a str, &'a str)>),
+}
+
+impl<'a> ClientHeaders<'a> {
+    /// The value of `name` (lower case).
+    fn get(&self, name: &str) -> Option<&'a str> {
+        match self {
+            Self::Map(map) => map.get(name).map(String::as_str).or_else(|| {
+                // Envoy lower-cases names; anything else building the request may not have.
+                map.iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.as_str())
+            }),
+            Self::List(list) => list
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| *v),
+        }
+    }
+
+    fn names(&self) -> Box<dyn Iterator<Item = &'a str> + '_> {
+        match self {
+            Self::Map(map) => Box::new(map.keys().map(String::as_str)),
+            Self::List(list) => Box::new(list.iter().map(|(k, _)| *k)),
+        }
+    }
+}
+
+fn client_headers(request: &CheckRequest) -> ClientHeaders<'_> {
     let Some(http) = request
         .attributes
         .as_ref()
         .and_then(|a| a.request.as_ref())
         .and_then(|r| r.http.as_ref())
     else {
-        return Vec::new();
+        return ClientHeaders::List(Vec::new());
     };
     if !http.headers.is_empty() {
-        return http
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
+        return ClientHeaders::Map(&http.headers);
     }
-    http.header_map
-        .as_ref()
-        .map(|map| {
-            map.headers
-                .iter()
-                .filter_map(|h| {
-                    let value = if h.value.is_empty() {
-                        std::str::from_utf8(&h.raw_value).ok()?
-                    } else {
-                        h.value.as_str()
-                    };
-                    Some((h.key.as_str(), value))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    ClientHeaders::List(
+        http.header_map
+            .as_ref()
+            .map(|map| {
+                map.headers
+                    .iter()
+                    .filter_map(|h| {
+                        let value = if h.value.is_empty() {
+                            std::str::from_utf8(&h.raw_value).ok()?
+                        } else {
+                            h.value.as_str()
+                        };
+                        Some((h.key.as_str(), value))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    )
 }
 
 fn overwrite((key, value): (String, String)) -> HeaderValueOption {

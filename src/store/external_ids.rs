@@ -8,8 +8,7 @@ use super::models::UserRow;
 use super::ory_outbox::{self as outbox, OutboxKind};
 use super::schema::{former_external_ids, user_external_ids, users};
 use super::users::{
-    ExternalIdNamespaces, ExternalIdValues, Given, TxError, UserWithIds, find_by_identity, give,
-    into_user, release, touch,
+    ExternalIdPairs, Given, TxError, UserWithIds, find_by_identity, give, into_user, release, touch,
 };
 use super::{Store, StoreError};
 use crate::domain::{
@@ -80,7 +79,7 @@ impl Store {
                     .inner_join(former_external_ids::table)
                     .filter(former_external_ids::namespace.eq(namespace.as_str()))
                     .filter(former_external_ids::external_id.eq(value.as_str()))
-                    .select((UserRow::as_select(), ExternalIdNamespaces, ExternalIdValues))
+                    .select((UserRow::as_select(), ExternalIdPairs))
                     .first::<UserWithIds>(&mut &**conn)
                     .await
                     .optional()
@@ -105,7 +104,7 @@ impl Store {
             .inner_join(user_external_ids::table)
             .filter(user_external_ids::namespace.eq(namespace.as_str()))
             .filter(user_external_ids::external_id.eq_any(values))
-            .select((UserRow::as_select(), ExternalIdNamespaces, ExternalIdValues))
+            .select((UserRow::as_select(), ExternalIdPairs))
             .load(&mut conn)
             .await
             .map_err(StoreError::classify)?;

@@ -17,20 +17,20 @@ pub(super) struct UserRow {
 }
 
 impl UserRow {
-    /// The user, with its business ids as two parallel arrays ordered by namespace (see
-    /// `users::ExternalIdNamespaces`).
-    pub fn into_domain(self, namespaces: Vec<String>, values: Vec<String>) -> User {
+    /// The user, with its business ids as `namespace` U+001F `value` strings ordered by namespace
+    /// (see `users::ExternalIdPairs`).
+    pub fn into_domain(self, pairs: Vec<String>) -> User {
         User {
             id: UserId::from_uuid(self.id),
             ory_identity_id: IdentityId::from_uuid(self.ory_identity_id),
-            external_ids: namespaces
+            external_ids: pairs
                 .into_iter()
-                .zip(values)
-                .map(|(namespace, value)| {
-                    NamespacedId::new(
-                        Namespace::from_trusted(namespace),
-                        ExternalId::from_trusted(value),
-                    )
+                .filter_map(|pair| {
+                    let (namespace, value) = pair.split_once('\u{1f}')?;
+                    Some(NamespacedId::new(
+                        Namespace::from_trusted(namespace.to_owned()),
+                        ExternalId::from_trusted(value.to_owned()),
+                    ))
                 })
                 .collect(),
             schema_id: self.schema_id,

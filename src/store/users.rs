@@ -56,60 +56,53 @@ impl From<diesel::result::Error> for TxError {
     }
 }
 
-/// A user row with its business ids, as [`ExternalIdNamespaces`] and [`ExternalIdValues`] give them.
-pub(super) type UserWithIds = (UserRow, Vec<String>, Vec<String>);
+/// A user row with its business ids, as [`ExternalIdPairs`] gives them.
+pub(super) type UserWithIds = (UserRow, Vec<String>);
 
-/// One column of a user's business ids as an array ordered by namespace, from a correlated subquery
-/// on `user_external_ids`'s `(user_id, namespace)` index: a user and every id it holds in one round
-/// trip and one row. Hand-written because diesel has no `ARRAY(subquery)`, and its SQL literals
-/// opt the whole statement out of the prepared-statement cache, which would cost every lookup a
-/// round trip; these carry a static query id, so the statement is prepared once per connection.
-/// One type per column: the cache tells statements apart by type.
-macro_rules! external_id_array {
-    ($name:ident, $column:literal) => {
-        #[derive(Debug, Clone, Copy, diesel::query_builder::QueryId)]
-        pub(super) struct $name;
+/// A user's business ids as one array of `namespace` U+001F `value`, ordered by namespace, from a
+/// correlated subquery on `user_external_ids`'s `(user_id, namespace)` index: a user and every id
+/// it holds in one round trip, one row and one extra index scan. U+001F cannot occur in either
+/// part (namespaces are `[a-z0-9._-]`, values refuse control characters), so the split is exact.
+/// Hand-written because diesel has no `ARRAY(subquery)`, and its SQL literals opt the whole
+/// statement out of the prepared-statement cache, which would cost every lookup a round trip;
+/// this carries a static query id, so the statement is prepared once per connection.
+#[derive(Debug, Clone, Copy, diesel::query_builder::QueryId)]
+pub(super) struct ExternalIdPairs;
 
-        impl diesel::expression::Expression for $name {
-            type SqlType = diesel::sql_types::Array<diesel::sql_types::Text>;
-        }
-
-        impl<QS> diesel::expression::AppearsOnTable<QS> for $name {}
-
-        impl<QS> diesel::expression::SelectableExpression<QS> for $name {}
-
-        impl diesel::expression::ValidGrouping<()> for $name {
-            type IsAggregate = diesel::expression::is_aggregate::Never;
-        }
-
-        impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for $name {
-            fn walk_ast<'b>(
-                &'b self,
-                mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
-            ) -> QueryResult<()> {
-                out.push_sql(concat!(
-                    "ARRAY(SELECT e.",
-                    $column,
-                    " FROM user_external_ids e WHERE e.user_id = users.id ORDER BY e.namespace)"
-                ));
-                Ok(())
-            }
-        }
-    };
+impl Expression for ExternalIdPairs {
+    type SqlType = diesel::sql_types::Array<diesel::sql_types::Text>;
 }
 
-external_id_array!(ExternalIdNamespaces, "namespace");
-external_id_array!(ExternalIdValues, "external_id");
+impl<QS> AppearsOnTable<QS> for ExternalIdPairs {}
+
+impl<QS> SelectableExpression<QS> for ExternalIdPairs {}
+
+impl diesel::expression::ValidGrouping<()> for ExternalIdPairs {
+    type IsAggregate = diesel::expression::is_aggregate::Never;
+}
+
+impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for ExternalIdPairs {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+    ) -> QueryResult<()> {
+        out.push_sql(
+            "ARRAY(SELECT e.namespace || chr(31) || e.external_id FROM user_external_ids e \
+             WHERE e.user_id = users.id ORDER BY e.namespace)",
+        );
+        Ok(())
+    }
+}
 
 /// Users with all their business ids. A macro, because the query's type is unnameable.
 macro_rules! select_users {
     () => {
-        users::table.select((UserRow::as_select(), ExternalIdNamespaces, ExternalIdValues))
+        users::table.select((UserRow::as_select(), ExternalIdPairs))
     };
 }
 
-pub(super) fn into_user((row, namespaces, values): UserWithIds) -> User {
-    row.into_domain(namespaces, values)
+pub(super) fn into_user((row, pairs): UserWithIds) -> User {
+    row.into_domain(pairs)
 }
 
 impl Store {
@@ -147,7 +140,7 @@ impl Store {
             };
             match found {
                 Ok(found) => {
-                    uuids.retain(|id| !found.iter().any(|(u, _, _)| u.ory_identity_id == *id));
+                    uuids.retain(|id| !found.iter().any(|(u, _)| u.ory_identity_id == *id));
                     rows = found;
                 }
                 Err(e) => tracing::debug!(error = %e, "read replica failed; asking the primary"),
@@ -179,7 +172,7 @@ impl Store {
                     .inner_join(user_external_ids::table)
                     .filter(user_external_ids::namespace.eq(namespace.as_str()))
                     .filter(user_external_ids::external_id.eq(value.as_str()))
-                    .select((UserRow::as_select(), ExternalIdNamespaces, ExternalIdValues))
+                    .select((UserRow::as_select(), ExternalIdPairs))
                     .first::<UserWithIds>(&mut &**conn)
                     .await
                     .optional()
