@@ -26,9 +26,17 @@ pub fn seeded_identity(i: u64) -> Uuid {
     Uuid::from_u128(0xb000_0000_0000_4000_8000_0000_0000_0000 | u128::from(i))
 }
 
-/// Seeded user `i`'s external id.
+/// Seeded user `i`'s external id (in the default namespace).
 pub fn seeded_external_id(i: u64) -> String {
     format!("bench-{i}")
+}
+
+/// The second namespace every seeded user holds a business id in, besides the default one.
+pub const SEEDED_NAMESPACE: &str = "crm";
+
+/// Seeded user `i`'s business id in [`SEEDED_NAMESPACE`].
+pub fn seeded_namespaced_id(i: u64) -> String {
+    format!("crm-{i}")
 }
 
 /// Rows per seeding statement: large enough to be fast, small enough to show progress.
@@ -152,8 +160,10 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
 }
 
 /// Inserts seeded users `from..=to` (identity [`seeded_identity`], external id
-/// [`seeded_external_id`]) straight into `users` and `user_external_ids` with `generate_series`,
-/// skipping ones that exist, then refreshes the planner's statistics.
+/// [`seeded_external_id`] in the default namespace and [`seeded_namespaced_id`] in
+/// [`SEEDED_NAMESPACE`], so each user holds two business ids) straight into `users` and
+/// `user_external_ids` with `generate_series`, skipping ones that exist, then refreshes the
+/// planner's statistics.
 pub async fn seed_users(pg: &tokio_postgres::Client, from: u64, to: u64) -> anyhow::Result<()> {
     let mut start = from;
     while start <= to {
@@ -179,6 +189,15 @@ pub async fn seed_users(pg: &tokio_postgres::Client, from: u64, to: u64) -> anyh
         )
         .await
         .context("seeding external ids")?;
+        pg.execute(
+            "INSERT INTO user_external_ids (namespace, external_id, user_id) \
+             SELECT $3::text, 'crm-' || i, ('b1000000-0000-4000-8000-' || lpad(to_hex(i), 12, '0'))::uuid \
+             FROM generate_series($1::bigint, $2::bigint) AS i \
+             ON CONFLICT DO NOTHING",
+            &[&a, &b, &SEEDED_NAMESPACE],
+        )
+        .await
+        .context("seeding external ids in the second namespace")?;
         start = end + 1;
     }
     pg.batch_execute("ANALYZE users; ANALYZE user_external_ids")

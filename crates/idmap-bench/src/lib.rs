@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use envoy_types::ext_authz::v3::pb::CheckRequest;
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use kratos_emulator::{Emulator, EmulatorConfig, Fault, NewSession, Route};
 use rand::RngExt;
 use secrecy::SecretString;
@@ -61,16 +63,28 @@ pub enum Scenario {
     All,
     /// ResolveSession over a fixed pool of sessions, all cached before measuring.
     ResolveCached,
+    /// Envoy's ext_authz Check over the same kind of pool of cached sessions (the gateway's hot
+    /// path: a session-cache hit, a user-cache hit, the identity headers).
+    CheckCached,
+    /// A gateway-shaped load: --session-pool new sessions (at most 500) each asked about 20 times
+    /// through Check, then as many new sessions as many times through ResolveSession: the whoami
+    /// calls of each, which must be equal.
+    GatewayWhoami,
     /// ResolveSession with a brand-new session on every call (each one a whoami call).
     ResolveUncached,
     /// GetUserByOryId of seeded users, user cache warm.
     GetByOryId,
     /// GetByExternalId of seeded users, user cache warm.
     GetByExternalId,
+    /// GetByExternalId of seeded users' ids in namespace `crm`, user cache warm.
+    GetByExternalIdNs,
     /// GetUserByOryId with the user cache held to one entry, so every lookup reaches PostgreSQL.
     GetByOryIdCold,
     /// GetByExternalId with the user cache held to one entry, so every lookup reaches PostgreSQL.
     GetByExternalIdCold,
+    /// GetByExternalId in namespace `crm` with the user cache held to one entry, so every lookup
+    /// reaches PostgreSQL.
+    GetByExternalIdNsCold,
     /// BatchGetUsers of --batch-size random seeded identities per call.
     BatchGet,
     /// LinkIdentity of identities idmap has never seen.
@@ -104,11 +118,15 @@ impl Scenario {
         match self {
             Self::All => "all",
             Self::ResolveCached => "resolve-cached",
+            Self::CheckCached => "check-cached",
+            Self::GatewayWhoami => "gateway-whoami",
             Self::ResolveUncached => "resolve-uncached",
             Self::GetByOryId => "get-by-ory-id",
             Self::GetByExternalId => "get-by-external-id",
+            Self::GetByExternalIdNs => "get-by-external-id-ns",
             Self::GetByOryIdCold => "get-by-ory-id-cold",
             Self::GetByExternalIdCold => "get-by-external-id-cold",
+            Self::GetByExternalIdNsCold => "get-by-external-id-ns-cold",
             Self::BatchGet => "batch-get",
             Self::Link => "link",
             Self::Coalesce => "coalesce",
@@ -126,6 +144,8 @@ impl Scenario {
         matches!(
             self,
             Self::ResolveCached
+                | Self::CheckCached
+                | Self::GatewayWhoami
                 | Self::ResolveUncached
                 | Self::Link
                 | Self::Coalesce
@@ -142,8 +162,25 @@ impl Scenario {
         self.needs_emulator()
             || matches!(
                 self,
-                Self::GetByOryIdCold | Self::GetByExternalIdCold | Self::LookupScale
+                Self::GetByOryIdCold
+                    | Self::GetByExternalIdCold
+                    | Self::GetByExternalIdNsCold
+                    | Self::LookupScale
             )
+    }
+
+    /// The single-user lookup a lookup scenario (warm or cold) makes, of users `1..=users`.
+    fn lookup(self, clients: Arc<Vec<Client>>, users: u64) -> Option<MakeCall> {
+        match self {
+            Self::GetByOryId | Self::GetByOryIdCold => Some(get_by_ory_id(clients, users)),
+            Self::GetByExternalId | Self::GetByExternalIdCold => {
+                Some(get_by_external_id(clients, users))
+            }
+            Self::GetByExternalIdNs | Self::GetByExternalIdNsCold => {
+                Some(get_by_external_id_ns(clients, users))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -575,13 +612,35 @@ fn get_by_ory_id(clients: Arc<Vec<Client>>, users: u64) -> MakeCall {
     })
 }
 
+/// GetByExternalId of random seeded users' ids in the default namespace (no `namespace` sent).
 fn get_by_external_id(clients: Arc<Vec<Client>>, users: u64) -> MakeCall {
+    get_by_external_id_in(clients, users, "", env::seeded_external_id)
+}
+
+/// GetByExternalId of random seeded users' ids in [`env::SEEDED_NAMESPACE`].
+fn get_by_external_id_ns(clients: Arc<Vec<Client>>, users: u64) -> MakeCall {
+    get_by_external_id_in(
+        clients,
+        users,
+        env::SEEDED_NAMESPACE,
+        env::seeded_namespaced_id,
+    )
+}
+
+/// GetByExternalId of `value(i)` in `namespace` for random seeded users `i`.
+fn get_by_external_id_in(
+    clients: Arc<Vec<Client>>,
+    users: u64,
+    namespace: &'static str,
+    value: fn(u64) -> String,
+) -> MakeCall {
     Arc::new(move |conn, _| {
         let mut c = clients[conn].clone();
         let i = rand::rng().random_range(1..=users.max(1));
         boxed(async move {
             c.get_by_external_id(api::GetByExternalIdRequest {
-                external_id: env::seeded_external_id(i),
+                external_id: value(i),
+                namespace: namespace.to_owned(),
                 ..Default::default()
             })
             .await?;
@@ -623,6 +682,65 @@ fn resolve(clients: Arc<Vec<Client>>, tokens: Arc<Vec<String>>, once: bool) -> M
             })
             .await?;
             Ok(())
+        })
+    })
+}
+
+type Gateway = AuthorizationClient<InterceptedService<Channel, BearerKey>>;
+
+/// Envoy's Check request for a client request carrying `token` in `x-session-token`.
+fn check_request(token: &str) -> CheckRequest {
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: "GET".into(),
+                    path: "/".into(),
+                    headers: [("x-session-token".to_owned(), token.to_owned())].into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Check over a pool of sessions (`seq` picks one), failing a call that is not allowed.
+fn check(channels: &[Channel], tokens: Arc<Vec<String>>) -> MakeCall {
+    check_calls(channels, tokens, false)
+}
+
+/// Check of each of `tokens` once, in order.
+fn check_once(channels: &[Channel], tokens: Arc<Vec<String>>) -> MakeCall {
+    check_calls(channels, tokens, true)
+}
+
+fn check_calls(channels: &[Channel], tokens: Arc<Vec<String>>, once: bool) -> MakeCall {
+    let gateways: Arc<Vec<Gateway>> = Arc::new(
+        channels
+            .iter()
+            .cloned()
+            .map(|c| AuthorizationClient::with_interceptor(c, BearerKey))
+            .collect(),
+    );
+    Arc::new(move |conn, seq| {
+        let seq = usize::try_from(seq).ok()?;
+        if tokens.is_empty() || (once && seq >= tokens.len()) {
+            return None;
+        }
+        let request = check_request(&tokens[seq % tokens.len()]);
+        let mut c = gateways[conn].clone();
+        boxed(async move {
+            let answer = c.check(request).await?.into_inner();
+            match answer.status {
+                Some(status) if status.code == 0 => Ok(()),
+                _ => Err(tonic::Status::internal(
+                    "Check did not allow a cached session",
+                )),
+            }
         })
     })
 }
@@ -738,6 +856,17 @@ async fn scenarios_in_process(
         args.users,
         started.elapsed().as_secs_f64()
     );
+    if selected.iter().any(|s| {
+        matches!(
+            s,
+            Scenario::GetByExternalIdNs | Scenario::GetByExternalIdNsCold
+        )
+    }) {
+        report.note(format!(
+            "get-by-external-id-ns, get-by-external-id-ns-cold: every lookup sets namespace {ns}; each seeded user holds two business ids, bench-<i> in the default namespace and crm-<i> in {ns}, and every user answered carries both",
+            ns = env::SEEDED_NAMESPACE,
+        ));
+    }
     let identities = if selected.iter().any(|s| s.needs_emulator()) {
         env::linked_identities(emulator, &pg, args.session_pool.max(1)).await?
     } else {
@@ -754,9 +883,12 @@ async fn scenarios_in_process(
             matches!(
                 s,
                 Scenario::ResolveCached
+                    | Scenario::CheckCached
+                    | Scenario::GatewayWhoami
                     | Scenario::ResolveUncached
                     | Scenario::GetByOryId
                     | Scenario::GetByExternalId
+                    | Scenario::GetByExternalIdNs
                     | Scenario::BatchGet
                     | Scenario::Link
                     | Scenario::Coalesce
@@ -781,7 +913,7 @@ async fn scenarios_in_process(
                 args,
                 *scenario,
                 &config,
-                &cl,
+                (&cl, &channels),
                 emulator,
                 &identities,
                 (baseline, &health),
@@ -799,7 +931,14 @@ async fn scenarios_in_process(
     let cold: Vec<Scenario> = selected
         .iter()
         .copied()
-        .filter(|s| matches!(s, Scenario::GetByOryIdCold | Scenario::GetByExternalIdCold))
+        .filter(|s| {
+            matches!(
+                s,
+                Scenario::GetByOryIdCold
+                    | Scenario::GetByExternalIdCold
+                    | Scenario::GetByExternalIdNsCold
+            )
+        })
         .collect();
     if !cold.is_empty() {
         let label = "IDMAP_USER_CACHE_MAX_ENTRIES=1";
@@ -810,10 +949,8 @@ async fn scenarios_in_process(
         let cl = clients(&channels);
         let health = health_call(&channels);
         for scenario in &cold {
-            let make = if *scenario == Scenario::GetByOryIdCold {
-                get_by_ory_id(cl.clone(), args.users)
-            } else {
-                get_by_external_id(cl.clone(), args.users)
+            let Some(make) = scenario.lookup(cl.clone(), args.users) else {
+                continue;
             };
             let (load, baseline) = measure_paired(
                 args,
@@ -1025,7 +1162,7 @@ async fn main_scenario(
     args: &BenchArgs,
     scenario: Scenario,
     config: &Config,
-    cl: &Arc<Vec<Client>>,
+    (cl, channels): (&Arc<Vec<Client>>, &[Channel]),
     emulator: &Emulator,
     identities: &[Uuid],
     (baseline, health): (Baseline, &MakeCall),
@@ -1060,6 +1197,77 @@ async fn main_scenario(
             .await;
             ratio_finding(report, name, &load, baseline, 0.8, Some(1.5));
         }
+        Scenario::CheckCached => {
+            let tokens = Arc::new(new_sessions(emulator, identities, args.session_pool.max(1)));
+            let warm = resolve_all(args, cl.clone(), tokens.clone()).await;
+            anyhow::ensure!(
+                warm.errors == 0,
+                "warming check-cached failed: {:?}",
+                warm.first_error
+            );
+            report.note(format!(
+                "check-cached: {} sessions warmed first (ResolveSession and Check share the session cache); each Check carries the session in x-session-token, as Envoy forwards a client's header",
+                tokens.len()
+            ));
+            let (load, baseline) = measure_paired(
+                args,
+                name,
+                label,
+                check(channels, tokens),
+                health,
+                Some(emulator),
+                report,
+            )
+            .await;
+            ratio_finding(report, name, &load, baseline, 0.8, None);
+        }
+        Scenario::GatewayWhoami => {
+            const REQUESTS_PER_SESSION: usize = 20;
+            let sessions = args.session_pool.clamp(1, 500);
+            let shaped = |tokens: Vec<String>| -> Arc<Vec<String>> {
+                // Every session's requests spread over the run, as a gateway's traffic is.
+                Arc::new(
+                    (0..REQUESTS_PER_SESSION)
+                        .flat_map(|_| tokens.iter().cloned())
+                        .collect(),
+                )
+            };
+            let plan = Plan {
+                warmup: Duration::ZERO,
+                duration: Duration::from_secs(3600),
+                ..args.plan()
+            };
+            let through_check = shaped(new_sessions(emulator, identities, sessions));
+            let before = OryCalls::snapshot(emulator);
+            let checked = load::run(plan, check_once(channels, through_check), None).await;
+            let check_whoami = OryCalls::snapshot(emulator).since(before).whoami;
+            let through_resolve = shaped(new_sessions(emulator, identities, sessions));
+            let before = OryCalls::snapshot(emulator);
+            let resolved = load::run(plan, resolve(cl.clone(), through_resolve, true), None).await;
+            let resolve_whoami = OryCalls::snapshot(emulator).since(before).whoami;
+            anyhow::ensure!(
+                checked.errors == 0 && resolved.errors == 0,
+                "gateway-whoami: calls failed: {:?} {:?}",
+                checked.first_error,
+                resolved.first_error
+            );
+            report.note(format!(
+                "gateway-whoami: {sessions} new sessions x {REQUESTS_PER_SESSION} requests through Check ({} calls), then {sessions} other new sessions x {REQUESTS_PER_SESSION} through ResolveSession ({} calls), {} in flight",
+                checked.requests,
+                resolved.requests,
+                args.concurrency
+            ));
+            report.findings.push(Finding {
+                scenario: name.into(),
+                what: format!(
+                    "whoami calls: Check {check_whoami}, ResolveSession {resolve_whoami} ({sessions} sessions each)"
+                ),
+                value: check_whoami as f64,
+                shown: format!("{check_whoami} vs {resolve_whoami}"),
+                target: Some("Check's equal to ResolveSession's".into()),
+                met: Some(check_whoami == resolve_whoami),
+            });
+        }
         Scenario::ResolveUncached => {
             // Enough new sessions for a generous rate; running out ends the run early (reported).
             let n = (20_000.0 * (args.warmup + args.duration).as_secs_f64()).ceil() as usize;
@@ -1089,7 +1297,7 @@ async fn main_scenario(
                 });
             }
         }
-        Scenario::GetByOryId | Scenario::GetByExternalId => {
+        Scenario::GetByOryId | Scenario::GetByExternalId | Scenario::GetByExternalIdNs => {
             let warm = args.users.min(config.cache.user_max_entries);
             if warm < args.users {
                 report.note(format!(
@@ -1098,10 +1306,8 @@ async fn main_scenario(
                 ));
             }
             warm_users(cl, warm).await?;
-            let make = if scenario == Scenario::GetByOryId {
-                get_by_ory_id(cl.clone(), warm)
-            } else {
-                get_by_external_id(cl.clone(), warm)
+            let Some(make) = scenario.lookup(cl.clone(), warm) else {
+                return Ok(());
             };
             let (load, baseline) =
                 measure_paired(args, name, label, make, health, Some(emulator), report).await;
@@ -1491,7 +1697,10 @@ async fn external(args: &BenchArgs, target: &str, report: &mut Report) -> anyhow
         .filter(|s| {
             matches!(
                 s,
-                Scenario::GetByOryId | Scenario::GetByExternalId | Scenario::BatchGet
+                Scenario::GetByOryId
+                    | Scenario::GetByExternalId
+                    | Scenario::GetByExternalIdNs
+                    | Scenario::BatchGet
             )
         })
         .collect();
@@ -1507,15 +1716,13 @@ async fn external(args: &BenchArgs, target: &str, report: &mut Report) -> anyhow
     env::seed_users(&pg, 1, args.users).await?;
     for scenario in lookups {
         let name = scenario.name();
-        let make = match scenario {
-            Scenario::GetByOryId => get_by_ory_id(cl.clone(), args.users),
-            Scenario::GetByExternalId => get_by_external_id(cl.clone(), args.users),
-            _ => batch_get(
+        let make = scenario.lookup(cl.clone(), args.users).unwrap_or_else(|| {
+            batch_get(
                 cl.clone(),
                 args.users,
                 args.batch_size.clamp(1, idmap::service::MAX_BATCH_IDS),
-            ),
-        };
+            )
+        });
         let load = measure(args, name, &label, make, None, Some(baseline), report).await;
         if scenario != Scenario::BatchGet {
             ratio_finding(report, name, &load, baseline, 0.8, None);

@@ -19,6 +19,8 @@ async fn bench_tiny_run_measures_and_coalesces_to_one_whoami() {
         "--coalesce-callers=50",
         "--coalesce-rounds=2",
         "--scenario=get-by-ory-id",
+        "--scenario=get-by-external-id-ns",
+        "--scenario=get-by-external-id-ns-cold",
         "--scenario=resolve-cached",
         "--scenario=coalesce",
         "--scenario=lookup-scale",
@@ -33,6 +35,9 @@ async fn bench_tiny_run_measures_and_coalesces_to_one_whoami() {
         "health-check (baseline)",
         "health-check (paired with resolve-cached)",
         "get-by-ory-id",
+        // No errors: every seeded user holds its crm-<i> in namespace crm too.
+        "get-by-external-id-ns",
+        "get-by-external-id-ns-cold",
         "resolve-cached",
         "lookup-scale get-by-ory-id-cold @100",
         "lookup-scale get-by-ory-id-cold @300",
@@ -53,6 +58,14 @@ async fn bench_tiny_run_measures_and_coalesces_to_one_whoami() {
         0,
         "a warmed session pool makes no whoami calls"
     );
+
+    for (scenario, target) in [
+        ("get-by-external-id-ns", "at least 0.8x"),
+        ("get-by-external-id-ns-cold", "at least 0.25x"),
+    ] {
+        let finding = report.findings_of(scenario).next().unwrap();
+        assert_eq!(finding.target.as_deref(), Some(target), "{scenario}");
+    }
 
     assert_eq!(
         report.findings_of("lookup-scale").count(),
