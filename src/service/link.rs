@@ -183,10 +183,13 @@ pub(super) fn external_id_conflict(conflict: &LinkConflict, identity: Option<&st
             value,
             user_id,
         } => {
-            let mut metadata = vec![
-                ("namespace", namespace.to_string()),
-                ("external_id", value.to_string()),
-            ];
+            // The default namespace is left unnamed, so clients written before namespaces see
+            // exactly the metadata they always did.
+            let mut metadata = Vec::with_capacity(3);
+            if !namespace.is_default() {
+                metadata.push(("namespace", namespace.to_string()));
+            }
+            metadata.push(("external_id", value.to_string()));
             if let Some(user_id) = user_id {
                 metadata.push(("user_id", user_id.to_string()));
             }
@@ -208,7 +211,9 @@ pub(super) fn external_id_conflict(conflict: &LinkConflict, identity: Option<&st
             if let Some(identity) = identity {
                 metadata.push(("ory_identity_id", identity.to_owned()));
             }
-            metadata.push(("namespace", namespace.to_string()));
+            if !namespace.is_default() {
+                metadata.push(("namespace", namespace.to_string()));
+            }
             metadata.push(("external_id", external_id.to_string()));
             Error::AlreadyExists {
                 reason: reason::EXTERNAL_ID_ALREADY_SET,

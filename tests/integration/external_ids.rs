@@ -380,8 +380,16 @@ async fn old_clients_single_id_calls_are_unchanged() {
         .unwrap_err();
     let (reason, _, metadata) = error_info(&taken);
     assert_eq!(reason, "EXTERNAL_ID_TAKEN");
-    assert_eq!(metadata["external_id"], "crm-100");
-    assert_eq!(metadata["user_id"], user.id);
+    // Exactly the metadata clients saw before namespaces: no `namespace` key for the default.
+    assert_eq!(
+        metadata,
+        [
+            ("external_id".to_string(), "crm-100".to_string()),
+            ("user_id".to_string(), user.id.clone())
+        ]
+        .into_iter()
+        .collect()
+    );
     let already = client
         .link_identity(link_with(a, "", "crm-200"))
         .await
@@ -390,6 +398,7 @@ async fn old_clients_single_id_calls_are_unchanged() {
     assert_eq!(reason, "EXTERNAL_ID_ALREADY_SET");
     assert_eq!(metadata["external_id"], "crm-100");
     assert_eq!(metadata["ory_identity_id"], a.to_string());
+    assert!(!metadata.contains_key("namespace"), "{metadata:?}");
 
     // A value set in the default namespace through the new API is the old field's value.
     let other = linked(&mut client, b, vec![ext("", "crm-300")]).await;
