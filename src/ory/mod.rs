@@ -217,6 +217,13 @@ impl KratosClient {
             },
             _ => return Ok(MetadataWrite::NotAnObject),
         };
+        self.patch_identity(id, op).await?;
+        Ok(MetadataWrite::Written)
+    }
+
+    /// Applies one JSON Patch operation with `PATCH /admin/identities/{id}`. Ory's 409 (a unique
+    /// value another identity holds) is [`OryError::Conflict`].
+    async fn patch_identity(&self, id: IdentityId, op: PatchOp<'_>) -> Result<(), OryError> {
         let url = join(&self.admin_url, &format!("admin/identities/{id}"))?;
         let response = self
             .send_admin(
@@ -227,7 +234,7 @@ impl KratosClient {
         match response.status() {
             // Kratos answers 200 with the identity; a proxy or another implementation may answer
             // 204. Either way the patch was applied.
-            status if status.is_success() => Ok(MetadataWrite::Written),
+            status if status.is_success() => Ok(()),
             StatusCode::NOT_FOUND => Err(OryError::NotFound),
             StatusCode::CONFLICT => Err(OryError::Conflict),
             _ => Err(unexpected(response).await),
@@ -292,19 +299,8 @@ impl KratosClient {
             path: "/external_id",
             value: Some(Value::String(value.unwrap_or_default().to_owned())),
         };
-        let url = join(&self.admin_url, &format!("admin/identities/{id}"))?;
-        let response = self
-            .send_admin(
-                OryEndpoint::PatchIdentity,
-                self.admin(Method::PATCH, url).json(&[op]),
-            )
-            .await?;
-        match response.status() {
-            status if status.is_success() => Ok(ExternalIdWrite::Written),
-            StatusCode::NOT_FOUND => Err(OryError::NotFound),
-            StatusCode::CONFLICT => Err(OryError::Conflict),
-            _ => Err(unexpected(response).await),
-        }
+        self.patch_identity(id, op).await?;
+        Ok(ExternalIdWrite::Written)
     }
 
     /// Reads one page of `GET /admin/identities` (keyset pagination, ordered by Ory). The next page's
