@@ -17,7 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&fds))?;
 
     tonic_prost_build::configure()
-        // Written by hand in src/proto.rs, so the server can send a cached session pre-encoded.
+        // Written by hand in src/proto/resolve.rs, so the server can send a cached session pre-encoded.
         .extern_path(
             ".idmap.v1.ResolveSessionResponse",
             "crate::proto::ResolveSessionResponse",

@@ -1,22 +1,9 @@
-//! Generated protobuf and gRPC code (see build.rs), and the descriptor set reflection serves.
-
-#![allow(
-    missing_docs,
-    unreachable_pub,
-    unused_qualifications,
-    clippy::all,
-    clippy::pedantic
-)]
-
-pub mod idmap {
-    pub mod v1 {
-        tonic::include_proto!("idmap.v1");
-        pub use crate::proto::ResolveSessionResponse;
-    }
-}
+//! `idmap.v1.ResolveSessionResponse`, written by hand (see the type).
 
 use bytes::{Buf, BufMut, Bytes};
 use prost::encoding::{self, DecodeContext, WireType};
+
+use super::api;
 
 /// `idmap.v1.ResolveSessionResponse`, written by hand instead of generated (build.rs) so that the
 /// server can send `session` and `identity` as bytes encoded once per cached session, rather than
@@ -164,21 +151,12 @@ impl prost::Message for ResolveSessionResponse {
     }
 }
 
-/// The encoded `FileDescriptorSet` of `proto/`, dependencies included.
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("idmap_descriptor");
-
-/// Envoy's ext_authz service (`envoy.service.auth.v3`) and everything it imports, compiled by
-/// build.rs from the `envoy-types` package's .proto files; the Rust types are that crate's.
-pub const ENVOY_EXT_AUTHZ_DESCRIPTOR_SET: &[u8] =
-    tonic::include_file_descriptor_set!("envoy_ext_authz_descriptor");
-
-pub use idmap::v1 as api;
-
 #[cfg(test)]
 mod tests {
     use prost::Message;
 
-    use super::{ResolveSessionResponse, api};
+    use super::ResolveSessionResponse;
+    use crate::proto::{FILE_DESCRIPTOR_SET, api};
 
     fn sample() -> ResolveSessionResponse {
         let traits = prost_types::Struct {
@@ -248,21 +226,6 @@ mod tests {
         );
     }
 
-    /// Reflection clients (grpcurl) resolve every import through the server, so the descriptor set
-    /// must carry the well-known types the API uses, not just our own file.
-    #[test]
-    fn descriptor_set_carries_every_import() {
-        let set = prost_types::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET).unwrap();
-        let names: Vec<&str> = set.file.iter().map(|f| f.name()).collect();
-        for needed in [
-            "idmap/v1/identity.proto",
-            "google/protobuf/struct.proto",
-            "google/protobuf/timestamp.proto",
-        ] {
-            assert!(names.contains(&needed), "{needed} missing from {names:?}");
-        }
-    }
-
     /// The top-level fields of an encoded message: number, wire type and (length-delimited)
     /// payload, in order.
     fn top_level_fields(mut buf: &[u8]) -> Vec<(u32, prost::encoding::WireType, Vec<u8>)> {
@@ -287,13 +250,13 @@ mod tests {
 
     /// The hand-written message against the .proto: every field `ResolveSessionResponse` declares
     /// is encoded (in both forms the server sends), once, under its number, as the message type
-    /// the .proto names. A field added to the .proto but not to `src/proto.rs` fails here instead
+    /// the .proto names. A field added to the .proto but not to `src/proto/resolve.rs` fails here instead
     /// of being left out of every answer.
     #[test]
     fn hand_written_response_encodes_every_field_of_the_proto() {
         use prost_types::field_descriptor_proto::{Label, Type};
 
-        let set = prost_types::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET).unwrap();
+        let set = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).unwrap();
         let declared = set
             .file
             .iter()
@@ -357,7 +320,7 @@ mod tests {
                     }
                     (name, type_name) => panic!(
                         "field {name} ({type_name}, number {number}) of ResolveSessionResponse is \
-                         not written by the hand-written message in src/proto.rs"
+                         not written by the hand-written message in src/proto/resolve.rs"
                     ),
                 }
             }
