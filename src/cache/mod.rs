@@ -45,13 +45,39 @@ pub enum CachedSession {
 /// caller that needs them; the cache never reads them.
 pub type Rendering = Arc<OnceLock<Bytes>>;
 
-/// A signed assertion kept with a cache entry, with the user state it was signed for (the user's
-/// id and `updated_at`): hits reuse it until that user changes, so signing costs once per session
-/// per TTL rather than once per request.
-pub type AssertionSlot = Arc<std::sync::RwLock<Option<(AssertedUser, Arc<str>)>>>;
+/// The state of the user a value derived from an entry was made for: the user's id and
+/// `updated_at` (every change of a user moves it), or `None` for an identity without a user.
+pub type UserStamp = Option<(crate::domain::UserId, chrono::DateTime<chrono::Utc>)>;
 
-/// What an assertion in an [`AssertionSlot`] was signed for.
-pub type AssertedUser = (crate::domain::UserId, chrono::DateTime<chrono::Utc>);
+/// A value derived from an entry's session and its user, kept with the entry for the user state
+/// it was made for ([`UserStamp`]): hits reuse it until that user changes, so it is made once per
+/// session per TTL rather than once per request. The cache never reads it.
+#[derive(Debug)]
+pub struct PerUser<T>(std::sync::RwLock<Option<(UserStamp, T)>>);
+
+impl<T> Default for PerUser<T> {
+    fn default() -> Self {
+        Self(std::sync::RwLock::new(None))
+    }
+}
+
+impl<T: Clone> PerUser<T> {
+    /// The value kept, if it was made for `stamp`.
+    pub fn get(&self, stamp: &UserStamp) -> Option<T> {
+        match &*self.0.read().unwrap_or_else(PoisonError::into_inner) {
+            Some((made_for, value)) if made_for == stamp => Some(value.clone()),
+            _ => None,
+        }
+    }
+
+    /// Keeps `value`, made for `stamp`, in place of what was kept.
+    pub fn set(&self, stamp: UserStamp, value: T) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Some((stamp, value));
+    }
+}
+
+/// A signed assertion kept with a cache entry ([`PerUser`]).
+pub type AssertionSlot = Arc<PerUser<Arc<str>>>;
 
 /// A cache entry: the answer and how long it may be served.
 #[derive(Debug)]

@@ -2,7 +2,7 @@
 //! business ids, which gateways forward (`x-idmap-assertion`) and ResolveSession returns on request,
 //! so an upstream can check, against the JWKS idmap serves, that identity headers came from idmap.
 
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
@@ -27,15 +27,9 @@ impl IdentityMapper {
     pub fn assertion(&self, resolved: &Resolved) -> Option<Arc<str>> {
         let keys = self.assertion_keys.as_deref()?;
         let user = resolved.user.as_deref()?;
-        let stamp = (user.id, user.updated_at);
-        if let Some((signed_for, token)) = resolved
-            .assertion
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            && *signed_for == stamp
-        {
-            return Some(token.clone());
+        let stamp = resolved.user_stamp();
+        if let Some(token) = resolved.assertion.get(&stamp) {
+            return Some(token);
         }
         let now = SystemTime::now();
         let cached = resolved.served_until > now;
@@ -81,10 +75,7 @@ impl IdentityMapper {
             }
         };
         if cached {
-            *resolved
-                .assertion
-                .write()
-                .unwrap_or_else(PoisonError::into_inner) = Some((stamp, token.clone()));
+            resolved.assertion.set(stamp, token.clone());
         }
         Some(token)
     }

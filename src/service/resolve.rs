@@ -5,7 +5,7 @@ use super::IdentityMapper;
 use super::LinkError;
 use crate::cache::invalidation::Eviction;
 use crate::cache::{
-    AssertionSlot, CachedSession, Rendering, SessionEntry, SessionKey, session_ttl,
+    AssertionSlot, CachedSession, Rendering, SessionEntry, SessionKey, UserStamp, session_ttl,
 };
 use crate::domain::{Credential, LinkConflict, LinkRequest, SessionWithIdentity, User};
 use crate::error::Error;
@@ -29,6 +29,13 @@ pub struct Resolved {
     pub served_until: std::time::SystemTime,
     /// The entry's signed assertion, once one is made ([`IdentityMapper::assertion`]).
     pub assertion: AssertionSlot,
+}
+
+impl Resolved {
+    /// The state of the user the answer names, which values kept with the entry were made for.
+    pub fn user_stamp(&self) -> UserStamp {
+        self.user.as_deref().map(|user| (user.id, user.updated_at))
+    }
 }
 
 impl IdentityMapper {
