@@ -43,6 +43,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("envoy_ext_authz_descriptor.bin"),
         prost::Message::encode_to_vec(&envoy_fds),
     )?;
+
+    // The ext_authz server stub, generated from the one file that declares the service. Its
+    // messages are envoy-types', except Check's request and response, written by hand in
+    // src/proto/ext_authz.rs so that the server decodes only the client's headers and sends an
+    // allowed request's headers encoded once per cached session.
+    let mut service = envoy_fds;
+    service
+        .file
+        .retain(|file| file.name() == "envoy/service/auth/v3/external_auth.proto");
+    tonic_prost_build::configure()
+        .build_client(false)
+        .extern_path(
+            ".envoy.service.auth.v3.CheckRequest",
+            "crate::proto::ext_authz::CheckRequest",
+        )
+        .extern_path(
+            ".envoy.service.auth.v3.CheckResponse",
+            "crate::proto::ext_authz::CheckResponse",
+        )
+        .extern_path(".envoy", "::envoy_types::pb::envoy")
+        .compile_fds(service)?;
     Ok(())
 }
 

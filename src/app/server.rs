@@ -11,7 +11,7 @@ use tonic_health::server::HealthReporter;
 use tower::layer::util::{Identity, Stack};
 
 use crate::config::GrpcSettings;
-use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+use crate::proto::ext_authz::AuthorizationServer;
 
 use crate::gateway::Gateway;
 use crate::grpc::{

@@ -79,6 +79,10 @@ impl<T: Clone> PerUser<T> {
 /// A signed assertion kept with a cache entry ([`PerUser`]).
 pub type AssertionSlot = Arc<PerUser<Arc<str>>>;
 
+/// A gateway's identity headers as an adapter encodes them, kept with a cache entry
+/// ([`PerUser`]).
+pub type HeadersSlot = Arc<PerUser<Bytes>>;
+
 /// A cache entry: the answer and how long it may be served.
 #[derive(Debug)]
 pub struct SessionEntry {
@@ -89,6 +93,7 @@ pub struct SessionEntry {
     pub served_until: std::time::SystemTime,
     pub rendering: Rendering,
     pub assertion: AssertionSlot,
+    pub headers: HeadersSlot,
     /// The session-eviction epoch its load started in.
     epoch: u64,
     /// When a hit should start re-validating it in the background (refresh ahead); `None` for
@@ -106,6 +111,7 @@ impl Clone for SessionEntry {
             served_until: self.served_until,
             rendering: self.rendering.clone(),
             assertion: self.assertion.clone(),
+            headers: self.headers.clone(),
             epoch: self.epoch,
             refresh_at: self.refresh_at,
             refreshing: AtomicBool::new(self.refreshing.load(Ordering::Relaxed)),
@@ -141,6 +147,7 @@ impl SessionEntry {
             served_until: std::time::SystemTime::now() + fresh_for,
             rendering: Rendering::default(),
             assertion: AssertionSlot::default(),
+            headers: HeadersSlot::default(),
             epoch: 0,
             refresh_at,
             refreshing: AtomicBool::new(false),

@@ -7,6 +7,8 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use crate::config::GatewaySettings;
 use crate::domain::{Credential, User};
 use crate::error::Error;
@@ -34,11 +36,11 @@ impl Presented<'_> {
 }
 
 /// The gateway's answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Verdict {
-    /// Let the request through with these headers set on it (after removing every identity header
-    /// the client sent: [`Gateway::is_identity_header`]). Empty for an anonymous request.
-    Allow { headers: Vec<(String, String)> },
+    /// Let the request through, with [`Gateway::headers`] set on it (after removing every
+    /// identity header the client sent: [`Gateway::is_identity_header`]).
+    Allow(Allowed),
     /// Refuse it with this status, these response headers and a short text body.
     Deny {
         status: u16,
@@ -46,6 +48,10 @@ pub enum Verdict {
         body: &'static str,
     },
 }
+
+/// A request let through: its session as resolved, or none for an anonymous request.
+#[derive(Debug, Clone)]
+pub struct Allowed(Option<Resolved>);
 
 /// The decision, shared by the gateway protocols.
 pub struct Gateway {
@@ -115,24 +121,14 @@ impl Gateway {
     pub async fn decide(&self, presented: &Presented<'_>) -> Verdict {
         let credential = match self.credential(presented) {
             Ok(Some(credential)) => credential,
-            Ok(None) if self.settings.allow_anonymous => {
-                return Verdict::Allow {
-                    headers: Vec::new(),
-                };
-            }
+            Ok(None) if self.settings.allow_anonymous => return Verdict::Allow(Allowed(None)),
             Ok(None) => return self.unauthenticated(presented, "no session"),
             // A malformed credential is no session either; it is still refused when anonymous
             // requests are let through, since the client meant to present one.
             Err(_) => return self.unauthenticated(presented, "the session is not valid"),
         };
         match self.mapper.resolve_session(&credential).await {
-            Ok(resolved) => {
-                let mut headers = self.identity_headers(&resolved);
-                if let Some(assertion) = self.mapper.assertion(&resolved) {
-                    headers.push((ASSERTION_HEADER.to_owned(), assertion.to_string()));
-                }
-                Verdict::Allow { headers }
-            }
+            Ok(resolved) => Verdict::Allow(Allowed(Some(resolved))),
             Err(Error::Unauthenticated { .. } | Error::InvalidArgument(_)) => {
                 self.unauthenticated(presented, "the session is not valid")
             }
@@ -197,6 +193,56 @@ impl Gateway {
                 body,
             },
         }
+    }
+
+    /// The headers an allowed request carries upstream (none for an anonymous one): the identity
+    /// headers, and the signed assertion when assertions are on.
+    pub fn headers(&self, allowed: &Allowed) -> Vec<(String, String)> {
+        match &allowed.0 {
+            Some(resolved) => self.headers_of(resolved).0,
+            None => Vec::new(),
+        }
+    }
+
+    /// [`Gateway::headers`] as `encode` turns them into bytes, made once per cached session and
+    /// user state and kept with the session's cache entry, so that the hits of a busy session
+    /// build and encode nothing. One encoding per process: Envoy's, by the ext_authz adapter.
+    pub fn encoded_headers(
+        &self,
+        allowed: &Allowed,
+        encode: impl FnOnce(Vec<(String, String)>) -> Bytes,
+    ) -> Bytes {
+        let Some(resolved) = &allowed.0 else {
+            return encode(Vec::new());
+        };
+        let stamp = resolved.user_stamp();
+        if let Some(encoded) = resolved.headers.get(&stamp) {
+            return encoded;
+        }
+        let (headers, complete) = self.headers_of(resolved);
+        let encoded = encode(headers);
+        // Without the assertion it should carry, the next request tries again.
+        if complete {
+            resolved.headers.set(stamp, encoded.clone());
+        }
+        encoded
+    }
+
+    /// The headers of an allowed session, and whether they are all there: `false` when
+    /// assertions are on but none could be made for a user.
+    fn headers_of(&self, resolved: &Resolved) -> (Vec<(String, String)>, bool) {
+        let mut headers = self.identity_headers(resolved);
+        let mut complete = true;
+        // An assertion names the internal user: an identity without one gets none.
+        if self.mapper.assertion_keys().is_some() && resolved.user.is_some() {
+            match self.mapper.assertion(resolved) {
+                Some(assertion) => {
+                    headers.push((ASSERTION_HEADER.to_owned(), assertion.to_string()));
+                }
+                None => complete = false,
+            }
+        }
+        (headers, complete)
     }
 
     /// The identity headers for an allowed request.

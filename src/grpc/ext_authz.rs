@@ -1,18 +1,22 @@
 //! `envoy.service.auth.v3.Authorization/Check`: Envoy's ext_authz (and so Istio's `CUSTOM`
 //! authorization, Contour, Emissary, Envoy Gateway) asks whether to let a request through. The
 //! decision is the gateway's (`gateway/`); this only reads the request's headers out of Envoy's
-//! attribute context and writes the verdict back as Envoy's `CheckResponse`.
+//! attribute context and writes the verdict back as Envoy's `CheckResponse`, an allowed one with
+//! its identity headers encoded once per cached session (`proto/ext_authz.rs`).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use envoy_types::ext_authz::v3::pb::{
-    Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
-    HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, OkHttpResponse,
+    DeniedHttpResponse, HeaderAppendAction, HeaderValue, HeaderValueOption, HttpResponse,
+    HttpStatus,
 };
+use envoy_types::pb::envoy::service::auth::v3 as pb;
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
 use crate::gateway::{Gateway, Presented, Verdict};
+use crate::proto::ext_authz::{Authorization, CheckRequest, CheckResponse};
 
 /// The ext_authz server over the gateway's decision.
 #[derive(Clone)]
@@ -33,42 +37,45 @@ impl Authorization for ExtAuthz {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let request = request.into_inner();
-        let headers = client_headers(&request);
-        let find = |name: &str| headers.get(name);
-        let presented = Presented {
-            cookie: find("cookie"),
-            authorization: find("authorization"),
-            session_token: find("x-session-token"),
-            accept: find("accept"),
-        };
-        let verdict = self.gateway.decide(&presented).await;
-        Ok(Response::new(match verdict {
-            Verdict::Allow { headers: set } => {
-                // Every copy the client sent of a header idmap sets goes, even where idmap sets
-                // none this time (an anonymous request, a namespace this user lacks).
-                let headers_to_remove = headers
-                    .names()
-                    .filter(|name| self.gateway.is_identity_header(name))
-                    .map(str::to_ascii_lowercase)
-                    .collect();
-                CheckResponse {
-                    status: Some(rpc::Status {
-                        code: tonic::Code::Ok as i32,
-                        ..Default::default()
-                    }),
-                    http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                        headers: set.into_iter().map(overwrite).collect(),
-                        headers_to_remove,
-                        ..Default::default()
-                    })),
-                    ..Default::default()
-                }
+        // One pass over the client's headers: the ones the decision reads (the first of each, but
+        // cookies, which a browser may split over several headers on HTTP/2 and which are one
+        // list), and every copy of a header idmap sets, which could only be a forgery.
+        let mut presented = Presented::default();
+        let mut cookie: Option<Cow<'_, str>> = None;
+        let mut forged = Vec::new();
+        for (name, value) in request.headers() {
+            let is = |known: &str| name.eq_ignore_ascii_case(known);
+            if is("cookie") {
+                cookie = Some(match cookie.take() {
+                    None => Cow::Borrowed(value),
+                    Some(before) => Cow::Owned(format!("{before}; {value}")),
+                });
+            } else if is("authorization") {
+                presented.authorization.get_or_insert(value);
+            } else if is("x-session-token") {
+                presented.session_token.get_or_insert(value);
+            } else if is("accept") {
+                presented.accept.get_or_insert(value);
+            } else if self.gateway.is_identity_header(name) {
+                forged.push(name.to_ascii_lowercase());
             }
+        }
+        presented.cookie = cookie.as_deref();
+        Ok(Response::new(match self.gateway.decide(&presented).await {
+            // Removed even where idmap sets none this time (an anonymous request, a namespace
+            // this user lacks).
+            Verdict::Allow(allowed) => CheckResponse::allowed(
+                self.gateway.encoded_headers(&allowed, |headers| {
+                    let set: Vec<HeaderValueOption> = headers.into_iter().map(overwrite).collect();
+                    CheckResponse::encode_headers(&set)
+                }),
+                forged,
+            ),
             Verdict::Deny {
                 status,
                 headers,
                 body,
-            } => CheckResponse {
+            } => pb::CheckResponse {
                 status: Some(rpc::Status {
                     code: match status {
                         401 | 303 => tonic::Code::Unauthenticated,
@@ -85,73 +92,10 @@ impl Authorization for ExtAuthz {
                     body: body.to_owned(),
                 })),
                 ..Default::default()
-            },
+            }
+            .into(),
         }))
     }
-}
-
-/// The client request's headers as Envoy sends them: the map it fills by default (names lower
-/// case, repeated headers joined), or, with `encode_raw_headers`, the header list.
-enum ClientHeaders<'a> {
-    Map(&'a std::collections::HashMap<String, String>),
-    List(Vec<(&'a str, &'a str)>),
-}
-
-impl<'a> ClientHeaders<'a> {
-    /// The value of `name` (lower case).
-    fn get(&self, name: &str) -> Option<&'a str> {
-        match self {
-            Self::Map(map) => map.get(name).map(String::as_str).or_else(|| {
-                // Envoy lower-cases names; anything else building the request may not have.
-                map.iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                    .map(|(_, v)| v.as_str())
-            }),
-            Self::List(list) => list
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| *v),
-        }
-    }
-
-    fn names(&self) -> Box<dyn Iterator<Item = &'a str> + '_> {
-        match self {
-            Self::Map(map) => Box::new(map.keys().map(String::as_str)),
-            Self::List(list) => Box::new(list.iter().map(|(k, _)| *k)),
-        }
-    }
-}
-
-fn client_headers(request: &CheckRequest) -> ClientHeaders<'_> {
-    let Some(http) = request
-        .attributes
-        .as_ref()
-        .and_then(|a| a.request.as_ref())
-        .and_then(|r| r.http.as_ref())
-    else {
-        return ClientHeaders::List(Vec::new());
-    };
-    if !http.headers.is_empty() {
-        return ClientHeaders::Map(&http.headers);
-    }
-    ClientHeaders::List(
-        http.header_map
-            .as_ref()
-            .map(|map| {
-                map.headers
-                    .iter()
-                    .filter_map(|h| {
-                        let value = if h.value.is_empty() {
-                            std::str::from_utf8(&h.raw_value).ok()?
-                        } else {
-                            h.value.as_str()
-                        };
-                        Some((h.key.as_str(), value))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-    )
 }
 
 fn overwrite((key, value): (String, String)) -> HeaderValueOption {

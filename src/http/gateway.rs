@@ -151,7 +151,9 @@ async fn forward_auth(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -
         accept: text("accept"),
     };
     match gateway.decide(&presented).await {
-        Verdict::Allow { headers } => (StatusCode::OK, header_map(headers)).into_response(),
+        Verdict::Allow(allowed) => {
+            (StatusCode::OK, header_map(gateway.headers(&allowed))).into_response()
+        }
         Verdict::Deny {
             status,
             headers,

@@ -1,8 +1,21 @@
 //! Generated protobuf and gRPC code (see build.rs), and the descriptor set reflection serves.
 
+pub mod ext_authz;
 mod resolve;
 
 pub use resolve::ResolveSessionResponse;
+
+/// The ext_authz service stub (build.rs); its messages are envoy-types' and [`ext_authz`]'s.
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    unused_qualifications,
+    clippy::all,
+    clippy::pedantic
+)]
+mod envoy_service_auth_v3 {
+    tonic::include_proto!("envoy.service.auth.v3");
+}
 
 #[allow(
     missing_docs,
@@ -22,7 +35,8 @@ pub mod idmap {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("idmap_descriptor");
 
 /// Envoy's ext_authz service (`envoy.service.auth.v3`) and everything it imports, compiled by
-/// build.rs from the `envoy-types` package's .proto files; the Rust types are that crate's.
+/// build.rs from the `envoy-types` package's .proto files; the Rust types are that crate's, but for
+/// the two of [`ext_authz`].
 pub const ENVOY_EXT_AUTHZ_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("envoy_ext_authz_descriptor");
 

@@ -5,7 +5,8 @@ use super::IdentityMapper;
 use super::LinkError;
 use crate::cache::invalidation::Eviction;
 use crate::cache::{
-    AssertionSlot, CachedSession, Rendering, SessionEntry, SessionKey, UserStamp, session_ttl,
+    AssertionSlot, CachedSession, HeadersSlot, Rendering, SessionEntry, SessionKey, UserStamp,
+    session_ttl,
 };
 use crate::domain::{Credential, LinkConflict, LinkRequest, SessionWithIdentity, User};
 use crate::error::Error;
@@ -29,6 +30,8 @@ pub struct Resolved {
     pub served_until: std::time::SystemTime,
     /// The entry's signed assertion, once one is made ([`IdentityMapper::assertion`]).
     pub assertion: AssertionSlot,
+    /// The gateway's identity headers for the entry, once an adapter has encoded them.
+    pub headers: HeadersSlot,
 }
 
 impl Resolved {
@@ -60,6 +63,7 @@ impl IdentityMapper {
         let rendering = entry.rendering.clone();
         let served_until = entry.served_until;
         let assertion = entry.assertion.clone();
+        let headers = entry.headers.clone();
         let whoami = match &entry.value {
             CachedSession::Valid(session) => session.clone(),
             CachedSession::Invalid => return Err(OryError::Unauthenticated.into()),
@@ -103,6 +107,7 @@ impl IdentityMapper {
             rendering,
             served_until,
             assertion,
+            headers,
         })
     }
 

@@ -7,7 +7,10 @@ use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse};
 use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use idmap::proto::api::{SetExternalIdRequest, set_external_id_request};
+use idmap::proto::api::{
+    RemoveExternalIdRequest, SetExternalIdRequest, remove_external_id_request,
+    set_external_id_request,
+};
 use kratos_emulator::{Fault, NewIdentity, NewSession, Route};
 use serde_json::json;
 
@@ -126,6 +129,34 @@ async fn check_allows_a_session_with_the_users_headers_and_strips_forged_ones() 
             .await
             .unwrap();
     }
+    // The session's cached answer was made before the ids were: the next request of the same
+    // session carries them, and a removed one is gone from the one after.
+    let (set, _) = allowed(&check(&env, &[("cookie", &cookie)]).await);
+    assert_eq!(set["x-user-external-id"], "crm-1");
+    assert_eq!(set["x-user-external-id-billing"], "cus_m%C3%BCller");
+    client
+        .remove_external_id(RemoveExternalIdRequest {
+            subject: Some(remove_external_id_request::Subject::OryIdentityId(
+                identity.to_string(),
+            )),
+            namespace: "billing".into(),
+        })
+        .await
+        .unwrap();
+    let (set, _) = allowed(&check(&env, &[("cookie", &cookie)]).await);
+    assert_eq!(set["x-user-external-id"], "crm-1");
+    assert!(!set.contains_key("x-user-external-id-billing"), "{set:?}");
+    client
+        .set_external_id(SetExternalIdRequest {
+            subject: Some(set_external_id_request::Subject::OryIdentityId(
+                identity.to_string(),
+            )),
+            namespace: "billing".into(),
+            value: "cus_müller".into(),
+            replace: false,
+        })
+        .await
+        .unwrap();
     // A Bearer token and X-Session-Token are sessions too.
     for headers in [
         vec![("authorization", format!("Bearer {}", session.token))],
@@ -137,6 +168,49 @@ async fn check_allows_a_session_with_the_users_headers_and_strips_forged_ones() 
         assert_eq!(set["x-user-external-id"], "crm-1");
         assert_eq!(set["x-user-external-id-billing"], "cus_m%C3%BCller");
     }
+}
+
+/// With `encode_raw_headers`, Envoy sends the headers as a list, values in `raw_value`, and a
+/// browser's cookies may come as several `cookie` headers (HTTP/2 lets it split them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reads_envoys_raw_header_list_and_split_cookies() {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    let env = Env::new().await;
+    let (identity, session) = env.customer("raw@example.com");
+    let raw = |key: &str, value: &str| HeaderValue {
+        key: key.into(),
+        raw_value: value.as_bytes().to_vec(),
+        ..Default::default()
+    };
+    let request = CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: "GET".into(),
+                    path: "/orders".into(),
+                    header_map: Some(HeaderMap {
+                        headers: vec![
+                            raw("cookie", "theme=dark"),
+                            raw("x-user-id", "forged"),
+                            raw("cookie", &format!("ory_kratos_session={}", session.cookie)),
+                        ],
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    let response = AuthorizationClient::new(channel(env.server.addr).await)
+        .check(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let (set, remove) = allowed(&response);
+    assert_eq!(set["x-ory-identity-id"], identity.to_string());
+    assert_eq!(set["x-user-id"], env.db.user_of(identity).await.to_string());
+    assert_eq!(remove, ["x-user-id"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -509,6 +583,7 @@ async fn allowed_requests_carry_an_assertion_that_verifies_against_the_served_jw
     let (changed, _) = allowed(&check(&env, &[("x-session-token", &session.token)]).await);
     let claims = verify(&jwks, &changed["x-idmap-assertion"], chrono::Utc::now()).unwrap();
     assert_eq!(claims.external_ids["crm"], "c-9");
+    assert_eq!(changed["x-user-external-id-crm"], "c-9");
 
     // ResolveSession returns it when asked, and only then.
     let mut client = env.client();
