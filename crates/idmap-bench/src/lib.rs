@@ -1256,7 +1256,7 @@ async fn main_scenario(
                 warm.first_error
             );
             report.note(format!(
-                "check-cached: {} sessions warmed first (ResolveSession and Check share the session cache); each Check carries the session in x-session-token, as Envoy forwards a client's header",
+                "check-cached: {} sessions warmed first (ResolveSession and Check share the session cache); each Check carries the session in x-session-token, as Envoy forwards a client's header; each session's CheckRequest is encoded once before the run (Envoy builds its requests on its own cores) and every answer is decoded whole into envoy-types' CheckResponse",
                 tokens.len()
             ));
             let (load, baseline) = measure_paired(
